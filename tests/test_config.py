@@ -1,0 +1,58 @@
+"""Config: presets, YAML files, --set overrides and the errors users see."""
+
+from __future__ import annotations
+
+import pytest
+
+from scoreaction.config import Config, ConfigError, build_config, parse_set
+
+
+def test_default_is_tiny():
+    cfg = build_config()
+    assert cfg.model.preset == "tiny"
+    assert isinstance(cfg, Config)
+
+
+def test_set_values_parse_as_yaml():
+    assert parse_set("sampler.num_steps=7") == {"sampler": {"num_steps": 7}}
+    assert parse_set("run.prompts=[a, b]") == {"run": {"prompts": ["a", "b"]}}
+    assert parse_set("model.name_or_path=null") == {"model": {"name_or_path": None}}
+    cfg = build_config("tiny", overrides=["sampler.eta=0.5", "sampler.stepper=euler_maruyama"])
+    assert cfg.sampler.eta == 0.5 and cfg.sampler.stepper == "euler_maruyama"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("sampler:\n  num_steps: 12\n  guidance_scale: 3.0\n")
+    cfg = build_config("tiny", f, ["sampler.num_steps=13"])
+    assert (cfg.sampler.num_steps, cfg.sampler.guidance_scale) == (13, 3.0)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match=r"preset='sd99' is unknown; allowed presets: tiny, sd15, sd15-random"):
+        build_config("sd99")
+    with pytest.raises(ConfigError, match=r"model.preset='sd99'.*'tiny', 'sd15' or 'sd15-random'"):
+        build_config("tiny", overrides=["model.preset=sd99"])
+
+
+@pytest.mark.parametrize(
+    "item, pattern",
+    [
+        ("sampler.num_steps=0", r"sampler.num_steps=0: Input should be greater than or equal to 1"),
+        ("sampler.eta=0", r"sampler.eta=0: Input should be greater than 0"),
+        ("sampler.eta=1.5", r"sampler.eta=1.5: Input should be less than or equal to 1"),
+        ("sampler.stepper=heun", r"sampler.stepper='heun': Input should be 'ddim' or 'euler_maruyama'"),
+        ("sampler.height=100", r"sampler.height=100: Input should be a multiple of 8"),
+        ("sampler.bogus=1", r"sampler.bogus=1: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_values_name_field_and_value(item, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config("tiny", overrides=[item])
+
+
+def test_malformed_set_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="must look like dotted.key=value"):
+        parse_set("sampler.num_steps")
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config("tiny", tmp_path / "nope.yaml")
