@@ -103,7 +103,11 @@ def save_checkpoint(
                 unet_lora_adapter_metadata=lora_cfg.to_dict(),
                 safe_serialization=True,
             )
-            meta["lora"] = {"rank": lora_cfg.r, "alpha": lora_cfg.lora_alpha, "target_modules": sorted(lora_cfg.target_modules)}
+            meta["lora"] = {
+                "rank": lora_cfg.r,
+                "alpha": lora_cfg.lora_alpha,
+                "target_modules": sorted(lora_cfg.target_modules),
+            }
         else:
             policy.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2, default=str))
@@ -163,7 +167,9 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(d)!r} is not a folder")
     meta_path = d / METADATA_FILE
     if not meta_path.is_file():
-        raise CheckpointError(f"checkpoint {str(d)!r} has no {METADATA_FILE}: not a scoreaction checkpoint, or incomplete")
+        raise CheckpointError(
+            f"checkpoint {str(d)!r} has no {METADATA_FILE}: not a scoreaction checkpoint, or incomplete"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
@@ -179,7 +185,7 @@ def load_lora_state(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"LoRA checkpoint {str(directory)!r} has no {LORA_FILE}")
     state = load_file(str(path))
-    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    unet_state = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
     if not unet_state:
         raise CheckpointError(f"{str(path)!r} holds no UNet LoRA weights (keys starting with 'unet.')")
     return convert_unet_state_dict_to_peft(unet_state)

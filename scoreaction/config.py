@@ -33,34 +33,48 @@ class ModelConfig(_Section):
         "works. tiny: the folder the tiny pipeline is written to (default: the scoreaction cache).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
-    device: str = Field("auto", description="Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1...")
+    device: str = Field(
+        "auto", description="Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1..."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype of frozen weights and autocast: auto = bfloat16 on CUDA, float32 on CPU."
+        "auto",
+        description="Compute dtype of frozen weights and autocast: auto = bfloat16 on CUDA, float32 on CPU.",
     )
     seed: int = Field(0, description="Seed of the random weights of the tiny and sd15-random presets.")
 
 
 class PolicyConfig(_Section):
-    mode: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter (lora) or every UNet weight (full).")
+    mode: Literal["lora", "full"] = Field(
+        "lora", description="Train a LoRA adapter (lora) or every UNet weight (full)."
+    )
     lora_rank: int = Field(4, ge=1, le=1024, description="LoRA rank r.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means alpha = rank (scale 1).")
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         description="UNet attention projections that receive LoRA layers.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute UNet activations in backward to save memory."
+    )
 
 
 class SamplerConfig(_Section):
     stepper: Literal["ddim", "euler_maruyama"] = Field(
-        "ddim", description="Transition kernel: ddim (DDIM-eta; eta=1 is DDPM) or euler_maruyama on the reverse SDE."
+        "ddim",
+        description="Transition kernel: ddim (DDIM-eta; eta=1 is DDPM) or euler_maruyama on the reverse SDE.",
     )
     num_steps: int = Field(50, ge=1, le=1000, description="Number of denoising steps N.")
-    eta: float = Field(1.0, gt=0.0, le=1.0, description="Reverse-process family member, in (0, 1]; 1 = reverse SDE.")
+    eta: float = Field(
+        1.0, gt=0.0, le=1.0, description="Reverse-process family member, in (0, 1]; 1 = reverse SDE."
+    )
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance weight w.")
     negative_prompt: str = Field("", description="Prompt of the unconditional branch of guidance.")
-    height: int | None = Field(None, ge=8, le=4096, multiple_of=8, description="Image height in px (default: model's).")
-    width: int | None = Field(None, ge=8, le=4096, multiple_of=8, description="Image width in px (default: model's).")
+    height: int | None = Field(
+        None, ge=8, le=4096, multiple_of=8, description="Image height in px (default: model's)."
+    )
+    width: int | None = Field(
+        None, ge=8, le=4096, multiple_of=8, description="Image width in px (default: model's)."
+    )
     batch_size: int = Field(8, ge=1, description="Trajectories sampled per UNet batch.")
 
 
@@ -122,7 +136,9 @@ def preset(name: str) -> dict[str, Any]:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = (
+            _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        )
     return out
 
 

@@ -130,7 +130,9 @@ class DiffusionPolicy(torch.nn.Module):
 
             result = set_peft_model_state_dict(self.unet, state, adapter_name=ADAPTER_NAME)
             if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"LoRA state has keys the policy does not know: {result.unexpected_keys[:5]}")
+                raise ValueError(
+                    f"LoRA state has keys the policy does not know: {result.unexpected_keys[:5]}"
+                )
         else:
             self.unet.load_state_dict(state)
 

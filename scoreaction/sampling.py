@@ -71,6 +71,7 @@ class Trajectory:
 
     def index(self, idx: Tensor | list[int] | slice) -> Trajectory:
         """Sub-batch by indices along B."""
+
         def take(v):
             if isinstance(v, Tensor):
                 return v[idx]
@@ -145,7 +146,9 @@ def sample_trajectories(
     log_probs = torch.empty((b, sampler.num_steps), device=dev, dtype=torch.float32)
     for k in range(sampler.num_steps):
         eps = policy.predict_eps(x, t_grid[k], prompt_embeds, negative, sampler.guidance_scale)
-        mean, std = step_mean_std(sampler.stepper, policy.schedule, eps, x, t_grid[k], t_grid[k + 1], sampler.eta)
+        mean, std = step_mean_std(
+            sampler.stepper, policy.schedule, eps, x, t_grid[k], t_grid[k + 1], sampler.eta
+        )
         out = sample_or_score(mean, std, generator=generator)
         x = out.x_next
         all_latents[:, k + 1] = x
@@ -176,7 +179,9 @@ def transition(policy: DiffusionPolicy, traj: Trajectory, k: int) -> StepOutput:
     x_t = traj.latents[:, k].to(dev).contiguous()
     neg = traj.negative_prompt_embeds.to(dev) if traj.negative_prompt_embeds is not None else None
     eps = policy.predict_eps(x_t, traj.timesteps[k], traj.prompt_embeds.to(dev), neg, traj.guidance_scale)
-    mean, std = step_mean_std(traj.stepper, policy.schedule, eps, x_t, traj.timesteps[k], traj.timesteps[k + 1], traj.eta)
+    mean, std = step_mean_std(
+        traj.stepper, policy.schedule, eps, x_t, traj.timesteps[k], traj.timesteps[k + 1], traj.eta
+    )
     return sample_or_score(mean, std, x_next=traj.latents[:, k + 1].to(dev))
 
 

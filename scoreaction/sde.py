@@ -55,9 +55,13 @@ class DiscreteVPSchedule:
         self.num_train_timesteps = int(betas.numel())
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (T,) float64
         # knots: (T + 1,) including t = 0
-        self._t = torch.arange(0, self.num_train_timesteps + 1, dtype=torch.float64) / self.num_train_timesteps
+        self._t = (
+            torch.arange(0, self.num_train_timesteps + 1, dtype=torch.float64) / self.num_train_timesteps
+        )
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alphas_cumprod)])
-        self._slope = -(self._log_ab[1:] - self._log_ab[:-1]) * self.num_train_timesteps  # (T,) beta per interval
+        self._slope = (
+            -(self._log_ab[1:] - self._log_ab[:-1]) * self.num_train_timesteps
+        )  # (T,) beta per interval
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> DiscreteVPSchedule:
@@ -143,7 +147,9 @@ def model_output_to_eps(output: Tensor, x_t: Tensor, ab_t: Tensor, prediction_ty
     if prediction_type == "v_prediction":
         ab = _bcast(ab_t, x_t)
         return ab.sqrt() * output + (1 - ab).sqrt() * x_t
-    raise ValueError(f"prediction_type={prediction_type!r} is not supported; allowed: 'epsilon', 'v_prediction'")
+    raise ValueError(
+        f"prediction_type={prediction_type!r} is not supported; allowed: 'epsilon', 'v_prediction'"
+    )
 
 
 def eps_to_score(eps: Tensor, ab_t: Tensor) -> Tensor:
@@ -228,8 +234,8 @@ def euler_maruyama_mean_std(
 ) -> tuple[Tensor, Tensor]:
     """Euler-Maruyama on the eta-family reverse SDE, step h = t - s > 0 (time runs backwards).
 
-        mean  = x_t + [1/2 beta(t) x_t + (1 + eta^2)/2 beta(t) s(t, x_t)] h
-        sigma = eta sqrt(beta(t) h)
+    mean  = x_t + [1/2 beta(t) x_t + (1 + eta^2)/2 beta(t) s(t, x_t)] h
+    sigma = eta sqrt(beta(t) h)
     """
     x_t, score = x_t.float(), score.float()
     b = x_t.shape[0]
@@ -299,7 +305,9 @@ def step_kl(mean_theta: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     return (diff**2).sum(dim=1) / (2 * std**2)
 
 
-def path_kl_rate(schedule: VPSchedule, t: Tensor, score_theta: Tensor, score_ref: Tensor, eta: float) -> Tensor:
+def path_kl_rate(
+    schedule: VPSchedule, t: Tensor, score_theta: Tensor, score_ref: Tensor, eta: float
+) -> Tensor:
     """Integrand of the continuous path KL at time t, (B,) float32:
 
         (1 + eta^2)^2 / (8 eta^2) * g(t)^2 * ||s_theta - s_ref||^2

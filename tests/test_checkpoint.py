@@ -33,12 +33,20 @@ def test_lora_checkpoint_loads_into_plain_diffusers_pipeline(fresh_policy, tiny_
     path = save_checkpoint(fresh_policy, tmp_path / "ckpt", step=3, config={"sampler": sampler.model_dump()})
     assert sorted(os.listdir(path)) == ["checkpoint.json", "pytorch_lora_weights.safetensors"]
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tiny_dir), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
 
     def run():
-        return pipe(PROMPTS, num_inference_steps=8, guidance_scale=5.0, eta=1.0, output_type="pt",
-                    generator=torch.Generator().manual_seed(7)).images
+        return pipe(
+            PROMPTS,
+            num_inference_steps=8,
+            guidance_scale=5.0,
+            eta=1.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(7),
+        ).images
 
     base = run()
     pipe.load_lora_weights(str(path))

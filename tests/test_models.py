@@ -26,7 +26,11 @@ def test_tiny_is_a_standard_safetensors_diffusers_folder(tiny_dir):
     assert "tokenizer.json" in files or {"vocab.json", "merges.txt"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".ckpt"))]
     sched = json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())
-    assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"]) == ("scaled_linear", 0.00085, 0.012)
+    assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"]) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+    )
 
 
 def test_tiny_save_load_gives_same_images(tiny_dir, tmp_path):
@@ -58,7 +62,10 @@ def test_sd15_configs_have_sd15_sizes():
 
 
 def test_sd15_offline_error_says_how_to_use_a_local_folder():
-    with pytest.raises(ConfigError, match=r"model.name_or_path='stable-diffusion-v1-5/stable-diffusion-v1-5'.*--set model.name_or_path=DIR"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.name_or_path='stable-diffusion-v1-5/stable-diffusion-v1-5'.*--set model.name_or_path=DIR",
+    ):
         load_pipeline(ModelConfig(preset="sd15"))
 
 
@@ -74,7 +81,9 @@ def test_any_sd_folder_loads_through_name_or_path(tiny_dir, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     policy = DiffusionPolicy.from_config(ModelConfig(preset="sd15", name_or_path=str(folder)))
     assert policy.prediction_type == "v_prediction"
-    traj = sample_trajectories(policy, ["a cat"], SamplerConfig(num_steps=3), torch.Generator().manual_seed(0))
+    traj = sample_trajectories(
+        policy, ["a cat"], SamplerConfig(num_steps=3), torch.Generator().manual_seed(0)
+    )
     assert torch.isfinite(traj.images).all() and torch.isfinite(traj.log_probs).all()
 
 
@@ -95,6 +104,8 @@ def test_pickle_only_pipeline_folder_is_refused(tiny_dir, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_dir, folder)
     for f in folder.rglob("*.safetensors"):
-        f.rename(f.with_name(f.name.replace(".safetensors", ".bin").replace("model.bin", "pytorch_model.bin")))
+        f.rename(
+            f.with_name(f.name.replace(".safetensors", ".bin").replace("model.bin", "pytorch_model.bin"))
+        )
     with pytest.raises(ConfigError, match="Only safetensors weights are accepted"):
         from_pretrained(str(folder))

@@ -10,7 +10,16 @@ from diffusers import StableDiffusionPipeline
 from scoreaction.config import ModelConfig, SamplerConfig
 from scoreaction.sampling import Trajectory, evaluate_log_probs, sample_trajectories, transition
 
-PROMPTS = ["a photo of a cat", "a red bicycle", "a lighthouse at dusk", "ramen", "a dog", "a tree", "a car", "a boat"]
+PROMPTS = [
+    "a photo of a cat",
+    "a red bicycle",
+    "a lighthouse at dusk",
+    "ramen",
+    "a dog",
+    "a tree",
+    "a car",
+    "a boat",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +39,9 @@ def test_trajectory_shapes(tiny_policy, stepper):
     assert traj.timesteps.shape == (6,) and bool((traj.timesteps[1:] < traj.timesteps[:-1]).all())
     assert traj.log_probs.shape == (3, 5) and traj.log_probs.dtype == torch.float32
     assert traj.prompt_embeds.shape == (3, 77, 32) and traj.negative_prompt_embeds.shape == (3, 77, 32)
-    assert traj.images.shape == (3, 3, 64, 64) and 0 <= float(traj.images.min()) <= float(traj.images.max()) <= 1
+    assert (
+        traj.images.shape == (3, 3, 64, 64) and 0 <= float(traj.images.min()) <= float(traj.images.max()) <= 1
+    )
     assert torch.isfinite(traj.log_probs).all()
 
 
@@ -56,7 +67,9 @@ def test_on_policy_ratio_is_exactly_one(lora_policy, stepper):
 
 def test_transition_is_differentiable_in_lora_only(lora_policy):
     sampler = SamplerConfig(num_steps=3, guidance_scale=5.0)
-    traj = sample_trajectories(lora_policy, PROMPTS[:2], sampler, torch.Generator().manual_seed(0), decode=False)
+    traj = sample_trajectories(
+        lora_policy, PROMPTS[:2], sampler, torch.Generator().manual_seed(0), decode=False
+    )
     out = transition(lora_policy, traj, 1)
     out.log_prob.sum().backward()
     grads = {n: p.grad for n, p in lora_policy.unet.named_parameters() if p.requires_grad}
@@ -82,15 +95,25 @@ def test_matches_diffusers_pipeline_for_same_seed(tiny_policy, tiny_dir):
     """DDIM eta=1 with the same seed: our sampler reproduces StableDiffusionPipeline's images."""
     sampler = SamplerConfig(num_steps=10, guidance_scale=7.5)
     traj = sample_trajectories(tiny_policy, PROMPTS[:2], sampler, torch.Generator().manual_seed(42))
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tiny_dir), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPTS[:2], num_inference_steps=10, guidance_scale=7.5, eta=1.0, output_type="pt",
-               generator=torch.Generator().manual_seed(42))
+    out = pipe(
+        PROMPTS[:2],
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        eta=1.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(42),
+    )
     torch.testing.assert_close(traj.images, out.images, atol=1e-4, rtol=0)
 
 
 def test_trajectory_index_and_cat_roundtrip(tiny_policy):
-    traj = sample_trajectories(tiny_policy, PROMPTS[:4], SamplerConfig(num_steps=2), torch.Generator().manual_seed(0))
+    traj = sample_trajectories(
+        tiny_policy, PROMPTS[:4], SamplerConfig(num_steps=2), torch.Generator().manual_seed(0)
+    )
     parts = [traj.index([0, 1]), traj.index(slice(2, 4))]
     back = Trajectory.cat(parts)
     assert back.prompts == traj.prompts

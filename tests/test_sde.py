@@ -181,8 +181,13 @@ def test_steppers_converge_to_the_mixture(stepper):
 def test_discrete_path_kl_converges_to_the_integral(stepper, eta):
     """Constant score offset c: the continuous KL is (1 + eta^2)^2 / (8 eta^2) c^2 [log ab(t_end) - log ab(1)]."""
     c = 0.1
-    exact = (1 + eta**2) ** 2 / (8 * eta**2) * c**2 * float(
-        TOY_SCHEDULE.log_alpha_bar(torch.tensor(1e-3)) - TOY_SCHEDULE.log_alpha_bar(torch.tensor(1.0))
+    exact = (
+        (1 + eta**2) ** 2
+        / (8 * eta**2)
+        * c**2
+        * float(
+            TOY_SCHEDULE.log_alpha_bar(torch.tensor(1e-3)) - TOY_SCHEDULE.log_alpha_bar(torch.tensor(1.0))
+        )
     )
     gaps = []
     for steps in (10, 100, 1000):
@@ -197,6 +202,7 @@ def test_discrete_path_kl_converges_to_the_integral(stepper, eta):
 @pytest.mark.parametrize("stepper", ["ddim", "euler_maruyama"])
 def test_state_dependent_path_kl_matches_its_integral(stepper):
     """Offset 0.3 tanh(x): along the policy's own paths, sum_k KL_k approaches int rate dt as steps grow."""
+
     def delta(t, x):
         return 0.3 * torch.tanh(x)
 

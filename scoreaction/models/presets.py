@@ -106,8 +106,14 @@ TINY_VAE_CONFIG = dict(
     scaling_factor=0.18215,
 )
 
-TINY_TEXT_CONFIG = dict(SD15_TEXT_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, projection_dim=32)
+TINY_TEXT_CONFIG = dict(
+    SD15_TEXT_CONFIG,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    projection_dim=32,
+)
 
 
 def default_cache_dir() -> Path:
@@ -186,7 +192,9 @@ def resolve_device(name: str) -> torch.device:
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-def from_pretrained(name_or_path: str, revision: str | None = None, torch_dtype=None) -> StableDiffusionPipeline:
+def from_pretrained(
+    name_or_path: str, revision: str | None = None, torch_dtype=None
+) -> StableDiffusionPipeline:
     """Load an SD1.x/2.x diffusers pipeline from a folder or hub id, safetensors only, with a clear error
     when it cannot be found (e.g. offline and not cached)."""
     if name_or_path.lower().endswith(_PICKLE_SUFFIXES + (".safetensors",)) and Path(name_or_path).is_file():
@@ -196,7 +204,9 @@ def from_pretrained(name_or_path: str, revision: str | None = None, torch_dtype=
         )
     is_dir = Path(name_or_path).is_dir()
     if is_dir and not (Path(name_or_path) / "model_index.json").is_file():
-        raise ConfigError(f"model.name_or_path={name_or_path!r} is a folder without model_index.json: not a diffusers pipeline")
+        raise ConfigError(
+            f"model.name_or_path={name_or_path!r} is a folder without model_index.json: not a diffusers pipeline"
+        )
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             name_or_path,
@@ -206,7 +216,7 @@ def from_pretrained(name_or_path: str, revision: str | None = None, torch_dtype=
             safety_checker=None,
             requires_safety_checker=False,
         )
-    except (OSError, EnvironmentError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = (
             "the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) and no cached copy exists. "

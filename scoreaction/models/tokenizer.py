@@ -22,7 +22,11 @@ _NUM_MERGES = 49152 - 256 - 2  # as in open_clip.tokenizer.SimpleTokenizer
 
 def _bytes_to_unicode() -> dict[int, str]:
     # Copied from open_clip.tokenizer.bytes_to_unicode (itself from OpenAI CLIP)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(2**8):
@@ -54,11 +58,23 @@ def write_clip_tokenizer_files(directory: str | os.PathLike) -> Path:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     if len(vocab) != VOCAB_SIZE:
         raise RuntimeError(f"rebuilt CLIP vocabulary has {len(vocab)} entries, expected {VOCAB_SIZE}")
-    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (directory / "vocab.json").write_text(
+        json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False)
+    )
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (directory / "special_tokens_map.json").write_text(json.dumps(special))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MODEL_MAX_LENGTH, "do_lower_case": True, **special}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "do_lower_case": True,
+        **special,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 

@@ -1,0 +1,44 @@
+# scoreaction developer entry points. Every target sets up what it needs (the venv) first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= outputs/demo
+
+.PHONY: venv demo test test-slow lint format bench clean
+
+venv: $(STAMP)
+
+# torch 2.14.1 / torchvision 0.29.1 come from the machine's local wheel store (constraints.txt pins them).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# The main job on the default (tiny) preset; the demo folder is scratch and is written afresh.
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 $(PY) jobs/finetune.py --preset tiny --output-dir $(DEMO_DIR)
+
+test: $(STAMP) lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+LINT_PATHS := $(wildcard scoreaction jobs serve tests)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) jobs/benchmark.py --out outputs/benchmark.json
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
