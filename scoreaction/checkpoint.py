@@ -23,12 +23,14 @@ from typing import Any
 
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from scoreaction.models.toy_gmm import ToyPolicy
 from scoreaction.policy import ADAPTER_NAME, DiffusionPolicy
 
 METADATA_FILE = "checkpoint.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+TOY_FILE = "toy_policy.safetensors"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -71,7 +73,7 @@ def _publish_dir(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(
-    policy: DiffusionPolicy,
+    policy: DiffusionPolicy | ToyPolicy,
     directory: str | os.PathLike,
     step: int,
     config: dict[str, Any] | None = None,
@@ -94,7 +96,10 @@ def save_checkpoint(
             "config": config or {},
             "metrics": metrics or {},
         }
-        if kind == "lora":
+        if isinstance(policy, ToyPolicy):
+            kind = meta["kind"] = "toy"
+            save_file(policy.trainable_state_dict(), str(tmp / TOY_FILE))
+        elif kind == "lora":
             lora_cfg = policy.unet.peft_config[ADAPTER_NAME]
             state = convert_state_dict_to_diffusers(policy.trainable_state_dict())
             StableDiffusionPipeline.save_lora_weights(
@@ -174,8 +179,8 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not valid JSON: {exc}") from exc
-    if meta.get("kind") not in ("lora", "full"):
-        raise CheckpointError(f"checkpoint {str(d)!r}: kind={meta.get('kind')!r}; allowed: 'lora', 'full'")
+    if meta.get("kind") not in ("lora", "full", "toy"):
+        raise CheckpointError(f"checkpoint {str(d)!r}: kind={meta.get('kind')!r}; allowed: 'lora', 'full', 'toy'")
     return meta
 
 
@@ -194,6 +199,11 @@ def load_lora_state(directory: str | os.PathLike) -> dict:
 def load_checkpoint(policy: DiffusionPolicy, directory: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint's weights into the policy (same mode); returns its metadata."""
     meta = read_metadata(directory)
+    if isinstance(policy, ToyPolicy) or meta["kind"] == "toy":
+        if not (isinstance(policy, ToyPolicy) and meta["kind"] == "toy"):
+            raise CheckpointError(f"checkpoint {str(directory)!r} (kind={meta['kind']!r}) does not match the policy")
+        policy.load_trainable_state_dict(load_file(str(Path(directory) / TOY_FILE)))
+        return meta
     if meta["kind"] != policy.cfg.mode:
         raise CheckpointError(
             f"checkpoint {str(directory)!r} is a {meta['kind']} checkpoint but policy.mode={policy.cfg.mode!r}"

@@ -14,8 +14,12 @@ import torch
 from torch import Tensor
 
 from scoreaction.config import SamplerConfig
+from scoreaction.models.toy_gmm import ToyPolicy
 from scoreaction.policy import DiffusionPolicy
-from scoreaction.sde import StepOutput, sample_or_score, step_mean_std
+from scoreaction.sde import StepOutput, sample_or_score, step_kl, step_mean_std
+
+
+Policy = DiffusionPolicy | ToyPolicy
 
 
 @dataclass
@@ -116,18 +120,22 @@ def _guided(sampler: SamplerConfig) -> bool:
 
 @torch.no_grad()
 def sample_trajectories(
-    policy: DiffusionPolicy,
+    policy: Policy,
     prompts: list[str],
     sampler: SamplerConfig,
     generator: torch.Generator | None = None,
     decode: bool = True,
     latents: Tensor | None = None,
+    record_reference: bool = False,
 ) -> Trajectory:
     """Sample len(prompts) trajectories in one batch.
 
     Noise comes from generator in the order diffusers' StableDiffusionPipeline draws it (initial latents,
     then one draw per step), so with the same seed and eta=1 DDIM both give the same images.
     latents: optional initial noise x_0 (B, C, h, w).
+    record_reference: also evaluate the reference policy at every state and store in ``extras``:
+        eps (B, N, ...) the guided policy epsilon, mean_ref (B, N, ...) the reference transition mean,
+        kl (B, N) the exact per-step KL_k = ||mean_theta - mean_ref||^2 / (2 sigma_k^2).
     """
     _validate(sampler)
     if not prompts:
@@ -138,17 +146,30 @@ def sample_trajectories(
     prompt_embeds = policy.encode_prompts(prompts)
     negative = policy.encode_prompts([sampler.negative_prompt] * b) if _guided(sampler) else None
     if latents is None:
-        c, h, w = policy.latent_shape(sampler.height, sampler.width)
-        latents = torch.randn((b, c, h, w), generator=generator, device=dev, dtype=torch.float32)
+        shape = policy.latent_shape(sampler.height, sampler.width)
+        latents = torch.randn((b, *shape), generator=generator, device=dev, dtype=torch.float32)
     x = latents.to(dev, torch.float32)
     all_latents = torch.empty((b, sampler.num_steps + 1, *x.shape[1:]), device=dev, dtype=torch.float32)
     all_latents[:, 0] = x
     log_probs = torch.empty((b, sampler.num_steps), device=dev, dtype=torch.float32)
+    extras: dict[str, Tensor] = {}
+    if record_reference:
+        extras = {
+            "eps": torch.empty_like(all_latents[:, 1:]),
+            "mean_ref": torch.empty_like(all_latents[:, 1:]),
+            "kl": torch.empty((b, sampler.num_steps), device=dev, dtype=torch.float32),
+        }
     for k in range(sampler.num_steps):
-        eps = policy.predict_eps(x, t_grid[k], prompt_embeds, negative, sampler.guidance_scale)
-        mean, std = step_mean_std(
-            sampler.stepper, policy.schedule, eps, x, t_grid[k], t_grid[k + 1], sampler.eta
-        )
+        t, s = t_grid[k], t_grid[k + 1]
+        eps = policy.predict_eps(x, t, prompt_embeds, negative, sampler.guidance_scale)
+        mean, std = step_mean_std(sampler.stepper, policy.schedule, eps, x, t, s, sampler.eta)
+        if record_reference:
+            with policy.reference():
+                eps_ref = policy.predict_eps(x, t, prompt_embeds, negative, sampler.guidance_scale)
+            mean_ref, _ = step_mean_std(sampler.stepper, policy.schedule, eps_ref, x, t, s, sampler.eta)
+            extras["eps"][:, k] = eps
+            extras["mean_ref"][:, k] = mean_ref
+            extras["kl"][:, k] = step_kl(mean, mean_ref, std)
         out = sample_or_score(mean, std, generator=generator)
         x = out.x_next
         all_latents[:, k + 1] = x
@@ -165,10 +186,11 @@ def sample_trajectories(
         stepper=sampler.stepper,
         eta=sampler.eta,
         guidance_scale=sampler.guidance_scale,
+        extras=extras,
     )
 
 
-def transition(policy: DiffusionPolicy, traj: Trajectory, k: int) -> StepOutput:
+def transition(policy: Policy, traj: Trajectory, k: int) -> StepOutput:
     """Re-evaluate step k (x_k -> x_{k+1}) of stored trajectories under the policy's current parameters.
 
     Differentiable in the policy's trainable parameters. Returns mean, std and log p_theta(x_{k+1} | x_k).
@@ -186,7 +208,7 @@ def transition(policy: DiffusionPolicy, traj: Trajectory, k: int) -> StepOutput:
 
 
 @torch.no_grad()
-def evaluate_log_probs(policy: DiffusionPolicy, traj: Trajectory, steps: list[int] | None = None) -> Tensor:
+def evaluate_log_probs(policy: Policy, traj: Trajectory, steps: list[int] | None = None) -> Tensor:
     """log p_theta(x_{k+1} | x_k) for the given step indices (default all): (B, len(steps)) float32."""
     steps = list(range(traj.num_steps)) if steps is None else steps
     return torch.stack([transition(policy, traj, k).log_prob for k in steps], dim=1)

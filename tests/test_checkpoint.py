@@ -118,5 +118,5 @@ def test_incomplete_or_foreign_checkpoints(fresh_policy, tmp_path):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(fresh_policy, tmp_path)
     (tmp_path / "checkpoint.json").write_text(json.dumps({"kind": "dreambooth"}))
-    with pytest.raises(CheckpointError, match="kind='dreambooth'; allowed: 'lora', 'full'"):
+    with pytest.raises(CheckpointError, match="kind='dreambooth'; allowed: 'lora', 'full', 'toy'"):
         load_checkpoint(fresh_policy, tmp_path)

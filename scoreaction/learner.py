@@ -1,0 +1,235 @@
+"""The learner step: value update, then policy update (CTRL ratio / CTRL value-gradient / DDPO).
+
+One process, no Ray: the Ray Train learner wraps ``Learner.update``. Works on any policy with the
+DiffusionPolicy interface (SD presets and toy-gmm alike).
+
+Precision: trainable weights stay fp32; log-probs, KL and advantages are fp32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scoreaction.algorithms import (
+    PerPromptStatTracker,
+    clipped_surrogate,
+    normalize_per_step,
+    reward_to_go,
+    td_advantages,
+)
+from scoreaction.config import Config
+from scoreaction.rewards import RewardFn
+from scoreaction.sampling import Policy, Trajectory, transition
+from scoreaction.sde import alpha_bar, eps_to_score, step_kl
+from scoreaction.value import ValueFunction, explained_variance
+
+
+@dataclass
+class Batch:
+    """One epoch's scored trajectories. rewards: (B,); r_x0: (B, N) reward of x0_hat_k, or None."""
+
+    traj: Trajectory
+    rewards: Tensor
+    r_x0: Tensor | None = None
+
+
+def x0_hat(policy: Policy, traj: Trajectory) -> Tensor:
+    """Tweedie / DDIM estimates x0_hat_k = (x_k - sqrt(1 - ab_k) eps_k) / sqrt(ab_k), (B, N, ...), from the
+    rollout's epsilons (``extras['eps']``)."""
+    eps = traj.extras["eps"]
+    ab = alpha_bar(policy.schedule, traj.timesteps[:-1]).float().to(eps.device)
+    shape = (1, -1) + (1,) * (eps.dim() - 2)
+    return (traj.latents[:, :-1] - (1 - ab).sqrt().view(shape) * eps) / ab.sqrt().view(shape)
+
+
+@torch.no_grad()
+def reward_of_x0_hat(policy: Policy, traj: Trajectory, reward_fn: RewardFn, chunk: int = 64) -> Tensor:
+    """R(decode(x0_hat_k)) for every state k < N: (B, N). Frozen (no grad)."""
+    x0 = x0_hat(policy, traj)
+    b, n = x0.shape[:2]
+    flat = x0.reshape(b * n, *x0.shape[2:])
+    prompts = [p for p in traj.prompts for _ in range(n)]
+    out = []
+    for i in range(0, b * n, chunk):
+        decoded = policy.decode(flat[i : i + chunk])
+        if decoded.dim() == 4:
+            decoded = decoded.clamp(0, 1)
+        out.append(reward_fn(decoded, prompts[i : i + chunk]).float().cpu())
+    return torch.cat(out).view(b, n)
+
+
+class Learner:
+    """Holds the optimisers and the DDPO stat tracker; ``update`` runs one epoch's learning."""
+
+    def __init__(self, policy: Policy, value_fn: ValueFunction, cfg: Config) -> None:
+        self.policy, self.value_fn, self.cfg = policy, value_fn, cfg
+        alg = cfg.algorithm
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=alg.learning_rate, weight_decay=0.0)
+        self.value_optimizer = torch.optim.Adam(value_fn.parameters(), lr=cfg.value.learning_rate)
+        self.tracker = PerPromptStatTracker(alg.stat_buffer, alg.stat_min_count)
+        self.generator = torch.Generator().manual_seed(cfg.run.seed + 1)
+
+    # ----------------------------------------------------------------------------------------------
+    # Value function
+    # ----------------------------------------------------------------------------------------------
+
+    def values(self, batch: Batch, grad: bool = False) -> Tensor:
+        """V at every state: (B, N + 1), with the exact reward at the final state."""
+        traj = batch.traj
+        b, n = traj.batch_size, traj.num_steps
+        dev = next(self.value_fn.parameters()).device
+        t = traj.timesteps[:-1].float().to(dev).repeat(b)  # (B * N,) row-major over (b, k)
+        x = traj.latents[:, :-1].reshape(b * n, *traj.latents.shape[2:]).to(dev)
+        emb = traj.prompt_embeds.to(dev).repeat_interleave(n, dim=0)
+        r_x0 = batch.r_x0.reshape(-1).to(dev) if batch.r_x0 is not None else None
+        with torch.set_grad_enabled(grad):
+            v = self.value_fn(t, x, emb, r_x0).view(b, n)
+        return torch.cat([v, batch.rewards.float().to(dev)[:, None]], dim=1)
+
+    def update_value(self, batch: Batch) -> dict[str, float]:
+        """Regress V(t_k, x_k) to the reward-to-go r - kl_coef * sum_{j>=k} KL_j (k < N)."""
+        vcfg, kl_coef = self.cfg.value, self.cfg.algorithm.kl_coef
+        target = reward_to_go(batch.rewards.float(), batch.traj.extras["kl"].float(), kl_coef)[:, :-1]
+        b = batch.traj.batch_size
+        losses = []
+        mb = max(1, min(b, self.cfg.algorithm.micro_batch_size * 8))
+        for _ in range(vcfg.updates_per_epoch):
+            for idx in torch.randperm(b, generator=self.generator).split(mb):
+                sub = Batch(batch.traj.index(idx), batch.rewards[idx], batch.r_x0[idx] if batch.r_x0 is not None else None)
+                pred = self.values(sub, grad=True)[:, :-1]
+                loss = torch.nn.functional.mse_loss(pred, target[idx].to(pred.device))
+                self.value_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.value_optimizer.step()
+                losses.append(float(loss))
+        pred = self.values(batch)[:, :-1].cpu()
+        return {
+            "value/loss": float(np.mean(losses)) if losses else float("nan"),
+            "value/explained_variance": explained_variance(pred.flatten(), target.flatten()),
+        }
+
+    # ----------------------------------------------------------------------------------------------
+    # Policy
+    # ----------------------------------------------------------------------------------------------
+
+    def _steps(self, n: int) -> list[int]:
+        k = max(1, round(self.cfg.algorithm.timestep_fraction * n))
+        if k == n:
+            return list(range(n))
+        return sorted(torch.randperm(n, generator=self.generator)[:k].tolist())
+
+    def _advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        alg = self.cfg.algorithm
+        kl = batch.traj.extras["kl"].float()
+        if alg.name == "ddpo":
+            shaped = batch.rewards.float() - alg.kl_coef * kl.sum(1)
+            adv = torch.as_tensor(self.tracker.update(batch.traj.prompts, shaped.numpy()), dtype=torch.float32)
+            adv = adv.clamp(-alg.adv_clip, alg.adv_clip)[:, None].expand(-1, batch.traj.num_steps)
+            return adv, torch.ones(batch.traj.num_steps)
+        values = self.values(batch).cpu()
+        return normalize_per_step(td_advantages(values, kl, alg.kl_coef), alg.adv_clip)
+
+    def update_policy(self, batch: Batch) -> dict[str, float]:
+        alg = self.cfg.algorithm
+        if alg.name == "ctrl" and alg.estimator == "value_gradient":
+            return self._update_value_gradient(batch)
+        traj = batch.traj
+        adv, adv_std = self._advantages(batch)
+        n, d = traj.num_steps, traj.latents[0, 0].numel()
+        use_kl = alg.name == "ctrl" and alg.kl_coef > 0
+        stats: dict[str, list[float]] = {"loss": [], "clipfrac": [], "approx_kl": [], "kl_penalty": [], "grad_norm": []}
+        params = self.policy.trainable_parameters()
+        for _ in range(alg.updates_per_epoch):
+            for idx in torch.randperm(traj.batch_size, generator=self.generator).split(alg.micro_batch_size):
+                sub = traj.index(idx)
+                steps = self._steps(n)
+                self.optimizer.zero_grad(set_to_none=True)
+                for k in steps:
+                    out = transition(self.policy, sub, k)
+                    log_ratio = (out.log_prob - sub.log_probs[:, k].to(out.log_prob.device)) / d
+                    pg, clipfrac, approx_kl = clipped_surrogate(adv[idx, k].to(log_ratio.device), log_ratio, alg.clip_range)
+                    loss = pg / len(steps)
+                    if use_kl:
+                        kl_theta = step_kl(out.mean, sub.extras["mean_ref"][:, k].to(out.mean.device), out.std)
+                        # Same reductions as the surrogate, so kl_coef keeps its meaning: the surrogate is
+                        # divided by std_k (advantage normalisation), by D (dim-averaged log-probs) and by
+                        # the number of steps (mean over k); the exact gradient of E[r] - kl_coef KL is
+                        # sum_k [E[A_k grad log p] - kl_coef grad KL_k], so the penalty takes the same scale.
+                        penalty = alg.kl_coef * (kl_theta / (float(adv_std[k]) * d)).mean() / len(steps)
+                        loss = loss + penalty
+                        stats["kl_penalty"].append(float(penalty))
+                    loss.backward()
+                    stats["loss"].append(float(loss))
+                    stats["clipfrac"].append(float(clipfrac))
+                    stats["approx_kl"].append(float(approx_kl))
+                gn = torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)
+                stats["grad_norm"].append(float(gn))
+                self.optimizer.step()
+        return {f"learner/{k}": float(np.mean(v)) for k, v in stats.items() if v}
+
+    def _score(self, x: Tensor, t: Tensor, traj: Trajectory) -> Tensor:
+        """The action: the guided score s_theta(t, x), float32."""
+        dev = self.policy.device
+        neg = traj.negative_prompt_embeds.to(dev) if traj.negative_prompt_embeds is not None else None
+        eps = self.policy.predict_eps(x, t, traj.prompt_embeds.to(dev), neg, traj.guidance_scale)
+        return eps_to_score(eps, alpha_bar(self.policy.schedule, torch.as_tensor(t)).to(dev))
+
+    def _update_value_gradient(self, batch: Batch) -> dict[str, float]:
+        """Continuous-time estimator: grad J = E sum_k h_k (d s_theta / d theta)^T
+        [c1 grad_x V(t_k, x_k) - kl_coef c2 (s_theta - s_ref)],  c1 = (1 + eta^2)/2 g^2,
+        c2 = (1 + eta^2)^2 / (4 eta^2) g^2  (for eta = 1 both are g^2, ALGORITHM.md section 5)."""
+        alg, traj = self.cfg.algorithm, batch.traj
+        eta, n = traj.eta, traj.num_steps
+        reward_prior = self.value_fn.use_reward_prior
+        if reward_prior and not isinstance(traj.latents, Tensor):
+            raise TypeError("trajectory latents must be tensors")
+        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        params = self.policy.trainable_parameters()
+        for _ in range(alg.updates_per_epoch):
+            for idx in torch.randperm(traj.batch_size, generator=self.generator).split(alg.micro_batch_size):
+                sub = traj.index(idx)
+                steps = self._steps(n)
+                self.optimizer.zero_grad(set_to_none=True)
+                for k in steps:
+                    t, s = sub.timesteps[k], sub.timesteps[k + 1]
+                    g2 = float(self.policy.schedule.beta(torch.as_tensor(t)))
+                    h = float(t - s)
+                    c1 = 0.5 * (1 + eta**2) * g2
+                    c2 = (1 + eta**2) ** 2 / (4 * eta**2) * g2
+                    grad_v = self._grad_x_value(sub, k)
+                    x = sub.latents[:, k].to(self.policy.device)
+                    s_theta = self._score(x, t, sub)
+                    with torch.no_grad(), self.policy.reference():
+                        s_ref = self._score(x, t, sub)
+                    direction = c1 * grad_v - alg.kl_coef * c2 * (s_theta.detach() - s_ref)
+                    loss = -(h * (s_theta * direction).flatten(1).sum(1)).mean()
+                    loss.backward()
+                    stats["loss"].append(float(loss))
+                gn = torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)
+                stats["grad_norm"].append(float(gn))
+                self.optimizer.step()
+        return {f"learner/{k}": float(np.mean(v)) for k, v in stats.items() if v}
+
+    def _grad_x_value(self, sub: Trajectory, k: int) -> Tensor:
+        """grad_x V(t_k, x) at the stored states (B, ...), float32, detached."""
+        dev = self.policy.device
+        x = sub.latents[:, k].to(dev).clone().requires_grad_(True)
+        t = sub.timesteps[k]
+        tb = torch.full((x.shape[0],), float(t), device=dev)
+        emb = sub.prompt_embeds.to(dev)
+        r_x0 = None
+        if self.value_fn.use_reward_prior:
+            ab = float(alpha_bar(self.policy.schedule, torch.as_tensor(t)))
+            eps = self.policy.predict_eps(x, t, emb, sub.negative_prompt_embeds, sub.guidance_scale)
+            x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+            r_x0 = self.reward_fn(self.policy.decode(x0), sub.prompts)
+        v = self.value_fn(tb, x, emb, r_x0)
+        (grad,) = torch.autograd.grad(v.sum(), x)
+        return grad.detach().float()
+
+    reward_fn: RewardFn | None = None  # set by the trainer: needed for grad_x R(x0_hat) in the value gradient

@@ -1,0 +1,62 @@
+"""The value function with the diffusion's structure (ALGORITHM.md section 4):
+
+    V(t, x, c) = cos(pi t / 2) * R(x0_hat(t, x), c) + sin(pi t / 2) * F_phi(t, x, c)
+
+R is the (frozen) reward of the Tweedie estimate x0_hat, supplied by the caller as ``r_x0``; F_phi is a
+small learned head on the state, time features and the mean-pooled prompt embedding. With
+``use_reward_prior = False`` V = F_phi alone. At the final state the caller uses the exact reward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from scoreaction.models.toy_gmm import time_features
+
+
+class ValueFunction(nn.Module):
+    """state_shape: (d,) for toy states or (C, h, w) for latents; embed_dim: prompt embedding width."""
+
+    def __init__(self, state_shape: tuple[int, ...], embed_dim: int, hidden: int = 64, use_reward_prior: bool = True):
+        super().__init__()
+        self.use_reward_prior = use_reward_prior
+        self.state_shape = tuple(state_shape)
+        if len(self.state_shape) == 1:
+            self.encoder = nn.Identity()
+            feat = self.state_shape[0]
+        else:
+            c = self.state_shape[0]
+            self.encoder = nn.Sequential(
+                nn.Conv2d(c, 32, 3, stride=2, padding=1), nn.SiLU(),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
+            feat = 64
+        self.head = nn.Sequential(
+            nn.Linear(feat + 17 + embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )
+
+    def learned(self, t: Tensor, x: Tensor, prompt_embeds: Tensor) -> Tensor:
+        """F_phi(t, x, c): (B,). t: (B,), x: (B, *state_shape), prompt_embeds: (B, L, D)."""
+        pooled = prompt_embeds.float().mean(dim=1)
+        h = torch.cat([self.encoder(x.float()), time_features(t.float()), pooled], dim=1)
+        return self.head(h).squeeze(1)
+
+    def forward(self, t: Tensor, x: Tensor, prompt_embeds: Tensor, r_x0: Tensor | None = None) -> Tensor:
+        """V(t, x, c): (B,). r_x0: (B,) reward of x0_hat, required when use_reward_prior."""
+        f = self.learned(t, x, prompt_embeds)
+        if not self.use_reward_prior:
+            return f
+        if r_x0 is None:
+            raise ValueError("value.use_reward_prior=True needs r_x0, the reward of x0_hat")
+        tt = t.float() * (math.pi / 2)
+        return torch.cos(tt) * r_x0.float() + torch.sin(tt) * f
+
+
+def explained_variance(pred: Tensor, target: Tensor) -> float:
+    """1 - Var[target - pred] / Var[target] (cleanrl's definition); nan when the target is constant."""
+    var = float(target.var())
+    return float("nan") if var == 0 else 1.0 - float((target - pred).var()) / var
