@@ -36,7 +36,9 @@ def normalize_per_step(adv: Tensor, clip: float, eps: float = 1e-8) -> tuple[Ten
     return ((adv - mean) / std).clamp(-clip, clip), std.squeeze(0)
 
 
-def clipped_surrogate(advantages: Tensor, log_ratio: Tensor, clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
+def clipped_surrogate(
+    advantages: Tensor, log_ratio: Tensor, clip_range: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """PPO's clipped objective as a loss (cleanrl names).
 
     pg_loss1 = -A * rho, pg_loss2 = -A * clip(rho, 1 - eps, 1 + eps), loss = mean(max(pg_loss1, pg_loss2)).
@@ -79,8 +81,11 @@ class PerPromptStatTracker:
         return advantages
 
     def state_dict(self) -> dict:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "stats": {k: list(v) for k, v in self.stats.items()}}
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "stats": {k: list(v) for k, v in self.stats.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]

@@ -180,7 +180,9 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not valid JSON: {exc}") from exc
     if meta.get("kind") not in ("lora", "full", "toy"):
-        raise CheckpointError(f"checkpoint {str(d)!r}: kind={meta.get('kind')!r}; allowed: 'lora', 'full', 'toy'")
+        raise CheckpointError(
+            f"checkpoint {str(d)!r}: kind={meta.get('kind')!r}; allowed: 'lora', 'full', 'toy'"
+        )
     return meta
 
 
@@ -201,7 +203,9 @@ def load_checkpoint(policy: DiffusionPolicy, directory: str | os.PathLike) -> di
     meta = read_metadata(directory)
     if isinstance(policy, ToyPolicy) or meta["kind"] == "toy":
         if not (isinstance(policy, ToyPolicy) and meta["kind"] == "toy"):
-            raise CheckpointError(f"checkpoint {str(directory)!r} (kind={meta['kind']!r}) does not match the policy")
+            raise CheckpointError(
+                f"checkpoint {str(directory)!r} (kind={meta['kind']!r}) does not match the policy"
+            )
         policy.load_trainable_state_dict(load_file(str(Path(directory) / TOY_FILE)))
         return meta
     if meta["kind"] != policy.cfg.mode:

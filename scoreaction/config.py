@@ -26,11 +26,16 @@ class _Section(BaseModel):
 
 
 class ToyConfig(_Section):
-    weights: list[float] = Field(default_factory=lambda: [0.5, 0.5], description="Mixture weights w_k (sum to 1).")
-    means: list[list[float]] = Field(
-        default_factory=lambda: [[-2.0], [2.0]], description="Component means mu_k, one list of d floats each."
+    weights: list[float] = Field(
+        default_factory=lambda: [0.5, 0.5], description="Mixture weights w_k (sum to 1)."
     )
-    std: float | list[float] = Field(0.5, description="Isotropic std of each component (one value or one per component).")
+    means: list[list[float]] = Field(
+        default_factory=lambda: [[-2.0], [2.0]],
+        description="Component means mu_k, one list of d floats each.",
+    )
+    std: float | list[float] = Field(
+        0.5, description="Isotropic std of each component (one value or one per component)."
+    )
     beta_min: float = Field(0.1, gt=0, description="Linear VP schedule: beta(0).")
     beta_max: float = Field(20.0, gt=0, description="Linear VP schedule: beta(1).")
     hidden: int = Field(64, ge=1, description="Width of the policy's correction MLP_theta(t, x).")
@@ -53,7 +58,9 @@ class ModelConfig(_Section):
         description="Compute dtype of frozen weights and autocast: auto = bfloat16 on CUDA, float32 on CPU.",
     )
     seed: int = Field(0, description="Seed of the random weights of the tiny and sd15-random presets.")
-    toy: ToyConfig = Field(default_factory=ToyConfig, description="The toy-gmm preset's mixture and schedule.")
+    toy: ToyConfig = Field(
+        default_factory=ToyConfig, description="The toy-gmm preset's mixture and schedule."
+    )
 
 
 class PolicyConfig(_Section):
@@ -93,43 +100,70 @@ class SamplerConfig(_Section):
 
 class RewardConfig(_Section):
     name: Literal["linear", "jpeg_compressibility", "jpeg_incompressibility"] = Field(
-        "jpeg_compressibility", description="Reward to maximise: linear (toy: a^T x), jpeg_(in)compressibility."
+        "jpeg_compressibility",
+        description="Reward to maximise: linear (toy: a^T x), jpeg_(in)compressibility.",
     )
     direction: list[float] | None = Field(None, description="The vector a of the linear reward r(x) = a^T x.")
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["ctrl", "ddpo"] = Field("ctrl", description="ctrl (score as action, TD advantages) or ddpo.")
-    estimator: Literal["ratio", "value_gradient"] = Field(
-        "ratio", description="ctrl policy gradient: clipped likelihood ratio, or the continuous-time value gradient."
+    name: Literal["ctrl", "ddpo"] = Field(
+        "ctrl", description="ctrl (score as action, TD advantages) or ddpo."
     )
-    kl_coef: float = Field(0.01, ge=0, description="beta_kl: weight of KL(P_theta || P_pre) in the objective.")
-    clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the ratio of dim-averaged log-probs.")
-    adv_clip: float = Field(5.0, gt=0, description="Advantages are clipped to +-adv_clip after normalisation.")
+    estimator: Literal["ratio", "value_gradient"] = Field(
+        "ratio",
+        description="ctrl policy gradient: clipped likelihood ratio, or the continuous-time value gradient.",
+    )
+    kl_coef: float = Field(
+        0.01, ge=0, description="beta_kl: weight of KL(P_theta || P_pre) in the objective."
+    )
+    clip_range: float = Field(
+        1e-4, gt=0, description="PPO clip epsilon on the ratio of dim-averaged log-probs."
+    )
+    adv_clip: float = Field(
+        5.0, gt=0, description="Advantages are clipped to +-adv_clip after normalisation."
+    )
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the policy.")
     updates_per_epoch: int = Field(1, ge=1, description="Passes over each epoch's trajectories.")
-    micro_batch_size: int = Field(8, ge=1, description="Trajectories per gradient step (accumulated over timesteps).")
-    timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained.")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Trajectories per gradient step (accumulated over timesteps)."
+    )
+    timestep_fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping of each optimiser step.")
     stat_buffer: int = Field(32, ge=1, description="ddpo: rewards kept per prompt by the stat tracker.")
-    stat_min_count: int = Field(16, ge=1, description="ddpo: per-prompt stats used once a prompt has this many.")
+    stat_min_count: int = Field(
+        16, ge=1, description="ddpo: per-prompt stats used once a prompt has this many."
+    )
 
 
 class ValueConfig(_Section):
     use_reward_prior: bool = Field(
-        True, description="V = cos(pi t/2) R(x0_hat) + sin(pi t/2) F_phi; False: V = F_phi alone (reward too costly)."
+        True,
+        description="V = cos(pi t/2) R(x0_hat) + sin(pi t/2) F_phi; False: V = F_phi alone (reward too costly).",
     )
     hidden: int = Field(64, ge=1, description="Width of F_phi.")
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate of F_phi.")
-    updates_per_epoch: int = Field(4, ge=0, description="Regression passes of F_phi per epoch (before the policy update).")
-    pretrain_epochs: int = Field(0, ge=0, description="Epochs of frozen-model rollouts to pre-train F_phi on.")
+    updates_per_epoch: int = Field(
+        4, ge=0, description="Regression passes of F_phi per epoch (before the policy update)."
+    )
+    pretrain_epochs: int = Field(
+        0, ge=0, description="Epochs of frozen-model rollouts to pre-train F_phi on."
+    )
 
 
 class RunConfig(_Section):
     seed: int = Field(0, description="Seed of sampling noise, prompts and initialisation.")
-    epochs: int = Field(3, ge=0, description="Fine-tuning epochs (rollout, reward, value update, policy update).")
-    checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every this many epochs (and at the end).")
-    grid_every: int = Field(1, ge=1, description="Write a sample grid every this many epochs (image presets).")
+    epochs: int = Field(
+        3, ge=0, description="Fine-tuning epochs (rollout, reward, value update, policy update)."
+    )
+    checkpoint_every: int = Field(
+        1, ge=1, description="Write a checkpoint every this many epochs (and at the end)."
+    )
+    grid_every: int = Field(
+        1, ge=1, description="Write a sample grid every this many epochs (image presets)."
+    )
     output_dir: str = Field("outputs/run", description="Where checkpoints, logs, grids and summary.json go.")
     num_samples: int = Field(16, ge=1, description="Trajectories sampled per epoch.")
     prompts: list[str] = Field(
@@ -156,13 +190,19 @@ class Config(_Section):
     def _consistent(self) -> Config:
         toy = self.model.preset == "toy-gmm"
         if toy and self.reward.name != "linear":
-            raise ValueError(f"reward.name={self.reward.name!r}: the toy-gmm preset takes the 'linear' reward")
+            raise ValueError(
+                f"reward.name={self.reward.name!r}: the toy-gmm preset takes the 'linear' reward"
+            )
         if self.reward.name == "linear":
             if not toy:
-                raise ValueError("reward.name='linear' works on the toy-gmm preset only (images have no direction a)")
+                raise ValueError(
+                    "reward.name='linear' works on the toy-gmm preset only (images have no direction a)"
+                )
             d = len(self.model.toy.means[0]) if self.model.toy.means else 0
             if self.reward.direction is None or len(self.reward.direction) != d:
-                raise ValueError(f"reward.direction={self.reward.direction!r} must be a list of {d} floats (the toy's dim)")
+                raise ValueError(
+                    f"reward.direction={self.reward.direction!r} must be a list of {d} floats (the toy's dim)"
+                )
         return self
 
 
@@ -188,8 +228,13 @@ def _toy_gmm() -> dict[str, Any]:
         "model": {"preset": "toy-gmm"},
         "sampler": {"stepper": "euler_maruyama", "num_steps": 20, "guidance_scale": 1.0, "batch_size": 4096},
         "reward": {"name": "linear", "direction": [1.0]},
-        "algorithm": {"kl_coef": 2.0, "learning_rate": 1e-3, "clip_range": 0.2, "micro_batch_size": 1024,
-                      "updates_per_epoch": 1},
+        "algorithm": {
+            "kl_coef": 2.0,
+            "learning_rate": 1e-3,
+            "clip_range": 0.2,
+            "micro_batch_size": 1024,
+            "updates_per_epoch": 1,
+        },
         "value": {"hidden": 64, "learning_rate": 3e-3, "updates_per_epoch": 8},
         "run": {"epochs": 50, "num_samples": 4096, "checkpoint_every": 10},
     }
@@ -202,7 +247,12 @@ def _sd15() -> dict[str, Any]:
         "sampler": {"num_steps": 50, "guidance_scale": 7.0, "batch_size": 8},
         # the released CTRL code: LoRA rank 4, AdamW 5e-5, clip 1.5e-5 on dim-averaged log-probs,
         # 512 samples/epoch, 2 updates/epoch, grad-clip 1.0
-        "algorithm": {"learning_rate": 5e-5, "clip_range": 1.5e-5, "updates_per_epoch": 2, "micro_batch_size": 2},
+        "algorithm": {
+            "learning_rate": 5e-5,
+            "clip_range": 1.5e-5,
+            "updates_per_epoch": 2,
+            "micro_batch_size": 2,
+        },
         "value": {"use_reward_prior": False},
         "run": {"epochs": 100, "num_samples": 512, "checkpoint_every": 5, "grid_every": 5},
     }

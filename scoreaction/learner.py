@@ -69,7 +69,9 @@ class Learner:
     def __init__(self, policy: Policy, value_fn: ValueFunction, cfg: Config) -> None:
         self.policy, self.value_fn, self.cfg = policy, value_fn, cfg
         alg = cfg.algorithm
-        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=alg.learning_rate, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(
+            policy.trainable_parameters(), lr=alg.learning_rate, weight_decay=0.0
+        )
         self.value_optimizer = torch.optim.Adam(value_fn.parameters(), lr=cfg.value.learning_rate)
         self.tracker = PerPromptStatTracker(alg.stat_buffer, alg.stat_min_count)
         self.generator = torch.Generator().manual_seed(cfg.run.seed + 1)
@@ -100,13 +102,17 @@ class Learner:
         mb = max(1, min(b, self.cfg.algorithm.micro_batch_size * 8))
         for _ in range(vcfg.updates_per_epoch):
             for idx in torch.randperm(b, generator=self.generator).split(mb):
-                sub = Batch(batch.traj.index(idx), batch.rewards[idx], batch.r_x0[idx] if batch.r_x0 is not None else None)
+                sub = Batch(
+                    batch.traj.index(idx),
+                    batch.rewards[idx],
+                    batch.r_x0[idx] if batch.r_x0 is not None else None,
+                )
                 pred = self.values(sub, grad=True)[:, :-1]
                 loss = torch.nn.functional.mse_loss(pred, target[idx].to(pred.device))
                 self.value_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.value_optimizer.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
         pred = self.values(batch)[:, :-1].cpu()
         return {
             "value/loss": float(np.mean(losses)) if losses else float("nan"),
@@ -128,7 +134,9 @@ class Learner:
         kl = batch.traj.extras["kl"].float()
         if alg.name == "ddpo":
             shaped = batch.rewards.float() - alg.kl_coef * kl.sum(1)
-            adv = torch.as_tensor(self.tracker.update(batch.traj.prompts, shaped.numpy()), dtype=torch.float32)
+            adv = torch.as_tensor(
+                self.tracker.update(batch.traj.prompts, shaped.numpy()), dtype=torch.float32
+            )
             adv = adv.clamp(-alg.adv_clip, alg.adv_clip)[:, None].expand(-1, batch.traj.num_steps)
             return adv, torch.ones(batch.traj.num_steps)
         values = self.values(batch).cpu()
@@ -142,7 +150,13 @@ class Learner:
         adv, adv_std = self._advantages(batch)
         n, d = traj.num_steps, traj.latents[0, 0].numel()
         use_kl = alg.name == "ctrl" and alg.kl_coef > 0
-        stats: dict[str, list[float]] = {"loss": [], "clipfrac": [], "approx_kl": [], "kl_penalty": [], "grad_norm": []}
+        stats: dict[str, list[float]] = {
+            "loss": [],
+            "clipfrac": [],
+            "approx_kl": [],
+            "kl_penalty": [],
+            "grad_norm": [],
+        }
         params = self.policy.trainable_parameters()
         for _ in range(alg.updates_per_epoch):
             for idx in torch.randperm(traj.batch_size, generator=self.generator).split(alg.micro_batch_size):
@@ -152,19 +166,23 @@ class Learner:
                 for k in steps:
                     out = transition(self.policy, sub, k)
                     log_ratio = (out.log_prob - sub.log_probs[:, k].to(out.log_prob.device)) / d
-                    pg, clipfrac, approx_kl = clipped_surrogate(adv[idx, k].to(log_ratio.device), log_ratio, alg.clip_range)
+                    pg, clipfrac, approx_kl = clipped_surrogate(
+                        adv[idx, k].to(log_ratio.device), log_ratio, alg.clip_range
+                    )
                     loss = pg / len(steps)
                     if use_kl:
-                        kl_theta = step_kl(out.mean, sub.extras["mean_ref"][:, k].to(out.mean.device), out.std)
+                        kl_theta = step_kl(
+                            out.mean, sub.extras["mean_ref"][:, k].to(out.mean.device), out.std
+                        )
                         # Same reductions as the surrogate, so kl_coef keeps its meaning: the surrogate is
                         # divided by std_k (advantage normalisation), by D (dim-averaged log-probs) and by
                         # the number of steps (mean over k); the exact gradient of E[r] - kl_coef KL is
                         # sum_k [E[A_k grad log p] - kl_coef grad KL_k], so the penalty takes the same scale.
                         penalty = alg.kl_coef * (kl_theta / (float(adv_std[k]) * d)).mean() / len(steps)
                         loss = loss + penalty
-                        stats["kl_penalty"].append(float(penalty))
+                        stats["kl_penalty"].append(penalty.item())
                     loss.backward()
-                    stats["loss"].append(float(loss))
+                    stats["loss"].append(loss.item())
                     stats["clipfrac"].append(float(clipfrac))
                     stats["approx_kl"].append(float(approx_kl))
                 gn = torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)
@@ -209,7 +227,7 @@ class Learner:
                     direction = c1 * grad_v - alg.kl_coef * c2 * (s_theta.detach() - s_ref)
                     loss = -(h * (s_theta * direction).flatten(1).sum(1)).mean()
                     loss.backward()
-                    stats["loss"].append(float(loss))
+                    stats["loss"].append(loss.item())
                 gn = torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)
                 stats["grad_norm"].append(float(gn))
                 self.optimizer.step()

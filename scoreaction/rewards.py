@@ -34,7 +34,9 @@ def _check_images(images: Tensor) -> None:
 def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
     """Size in kB (1000 bytes) of each image saved as JPEG at the given quality, as in DDPO: (B,)."""
     _check_images(images)
-    arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    arr = (
+        (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    )
     sizes = []
     for a in arr:
         buf = io.BytesIO()

@@ -18,7 +18,6 @@ from scoreaction.models.toy_gmm import ToyPolicy
 from scoreaction.policy import DiffusionPolicy
 from scoreaction.sde import StepOutput, sample_or_score, step_kl, step_mean_std
 
-
 Policy = DiffusionPolicy | ToyPolicy
 
 

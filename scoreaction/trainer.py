@@ -76,7 +76,9 @@ class Trainer:
         ]
         traj = Trajectory.cat(parts)
         rewards = self.reward_fn(traj.images, traj.prompts).float().cpu()
-        r_x0 = reward_of_x0_hat(self.policy, traj, self.reward_fn) if self.cfg.value.use_reward_prior else None
+        r_x0 = (
+            reward_of_x0_hat(self.policy, traj, self.reward_fn) if self.cfg.value.use_reward_prior else None
+        )
         return Batch(traj, rewards, r_x0)
 
     def pretrain_value(self) -> None:
@@ -105,10 +107,15 @@ class Trainer:
         metrics.update(self.learner.update_policy(batch))
         t3 = time.perf_counter()
         self.samples_seen += batch.traj.batch_size
-        metrics.update({
-            "perf/rollout_s": t_rollout, "perf/value_s": t2 - t1, "perf/policy_s": t3 - t2,
-            "perf/epoch_s": t3 - t0, "samples": self.samples_seen,
-        })
+        metrics.update(
+            {
+                "perf/rollout_s": t_rollout,
+                "perf/value_s": t2 - t1,
+                "perf/policy_s": t3 - t2,
+                "perf/epoch_s": t3 - t0,
+                "samples": self.samples_seen,
+            }
+        )
         if self.is_image and (epoch % self.cfg.run.grid_every == 0):
             save_grid(batch.traj.images[:16], self.out / "samples" / f"grid_epoch{epoch:04d}.png")
         return metrics
@@ -124,8 +131,13 @@ class Trainer:
                 progress(metrics)
             last = epoch == self.cfg.run.epochs - 1
             if (epoch + 1) % self.cfg.run.checkpoint_every == 0 or last:
-                save_run_checkpoint(self.policy, self.out, step=epoch + 1, config=self.cfg.model_dump(),
-                                    metrics={k: v for k, v in metrics.items() if not k.startswith("perf/")})
+                save_run_checkpoint(
+                    self.policy,
+                    self.out,
+                    step=epoch + 1,
+                    config=self.cfg.model_dump(),
+                    metrics={k: v for k, v in metrics.items() if not k.startswith("perf/")},
+                )
         if self.cfg.run.epochs == 0:
             save_run_checkpoint(self.policy, self.out, step=0, config=self.cfg.model_dump())
         final = self.evaluate_now()
@@ -137,7 +149,17 @@ class Trainer:
             "samples": self.samples_seen,
             "final": final,
             "per_epoch": [
-                {k: m[k] for k in ("epoch", "rollout/reward_mean", "rollout/kl_mean", "rollout/objective", "samples", "perf/epoch_s")}
+                {
+                    k: m[k]
+                    for k in (
+                        "epoch",
+                        "rollout/reward_mean",
+                        "rollout/kl_mean",
+                        "rollout/objective",
+                        "samples",
+                        "perf/epoch_s",
+                    )
+                }
                 for m in self.history
             ],
             "wall_s": time.perf_counter() - start,
@@ -173,8 +195,10 @@ def plot_reward_curve(history: list[dict], path: Path) -> Path:
     draw = ImageDraw.Draw(img)
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
     def px(x, y):
         return pad + (x - x0) / (x1 - x0) * (w - 2 * pad), h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
+
     draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
     pts = [px(x, y) for x, y in zip(xs, ys, strict=True)]
     if len(pts) > 1:

@@ -20,7 +20,9 @@ from scoreaction.models.toy_gmm import time_features
 class ValueFunction(nn.Module):
     """state_shape: (d,) for toy states or (C, h, w) for latents; embed_dim: prompt embedding width."""
 
-    def __init__(self, state_shape: tuple[int, ...], embed_dim: int, hidden: int = 64, use_reward_prior: bool = True):
+    def __init__(
+        self, state_shape: tuple[int, ...], embed_dim: int, hidden: int = 64, use_reward_prior: bool = True
+    ):
         super().__init__()
         self.use_reward_prior = use_reward_prior
         self.state_shape = tuple(state_shape)
@@ -30,13 +32,20 @@ class ValueFunction(nn.Module):
         else:
             c = self.state_shape[0]
             self.encoder = nn.Sequential(
-                nn.Conv2d(c, 32, 3, stride=2, padding=1), nn.SiLU(),
-                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Conv2d(c, 32, 3, stride=2, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
             )
             feat = 64
         self.head = nn.Sequential(
-            nn.Linear(feat + 17 + embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+            nn.Linear(feat + 17 + embed_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 1),
         )
 
     def learned(self, t: Tensor, x: Tensor, prompt_embeds: Tensor) -> Tensor:

@@ -30,10 +30,10 @@ def test_yaml_file_then_overrides(tmp_path):
 
 def test_unknown_preset_lists_presets():
     with pytest.raises(
-        ConfigError, match=r"preset='sd99' is unknown; allowed presets: tiny, sd15, sd15-random"
+        ConfigError, match=r"preset='sd99' is unknown; allowed presets: tiny, toy-gmm, sd15, sd15-random"
     ):
         build_config("sd99")
-    with pytest.raises(ConfigError, match=r"model.preset='sd99'.*'tiny', 'sd15' or 'sd15-random'"):
+    with pytest.raises(ConfigError, match=r"model.preset='sd99'.*'tiny', 'toy-gmm', 'sd15' or 'sd15-random'"):
         build_config("tiny", overrides=["model.preset=sd99"])
 
 

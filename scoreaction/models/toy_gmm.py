@@ -43,7 +43,11 @@ class ToyPolicy(nn.Module):
         d = self.mixture.dim
         g = torch.Generator().manual_seed(seed)
         self.correction = nn.Sequential(
-            nn.Linear(d + 17, toy.hidden), nn.SiLU(), nn.Linear(toy.hidden, toy.hidden), nn.SiLU(), nn.Linear(toy.hidden, d)
+            nn.Linear(d + 17, toy.hidden),
+            nn.SiLU(),
+            nn.Linear(toy.hidden, toy.hidden),
+            nn.SiLU(),
+            nn.Linear(toy.hidden, d),
         )
         with torch.no_grad():
             for m in self.correction:
@@ -87,7 +91,9 @@ class ToyPolicy(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         return torch.zeros(len(prompts), 1, 1)
 
-    def predict_eps(self, x_t: Tensor, t: Tensor, prompt_embeds: Tensor, negative_prompt_embeds, guidance_scale: float) -> Tensor:
+    def predict_eps(
+        self, x_t: Tensor, t: Tensor, prompt_embeds: Tensor, negative_prompt_embeds, guidance_scale: float
+    ) -> Tensor:
         ab = alpha_bar(self.schedule, torch.as_tensor(t, dtype=torch.float64))
         return score_to_eps(self.score(x_t, t), ab)
 
