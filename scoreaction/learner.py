@@ -203,9 +203,6 @@ class Learner:
         c2 = (1 + eta^2)^2 / (4 eta^2) g^2  (for eta = 1 both are g^2, ALGORITHM.md section 5)."""
         alg, traj = self.cfg.algorithm, batch.traj
         eta, n = traj.eta, traj.num_steps
-        reward_prior = self.value_fn.use_reward_prior
-        if reward_prior and not isinstance(traj.latents, Tensor):
-            raise TypeError("trajectory latents must be tensors")
         stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
         params = self.policy.trainable_parameters()
         for _ in range(alg.updates_per_epoch):
