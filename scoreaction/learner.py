@@ -9,6 +9,7 @@ Precision: trainable weights stay fp32; log-probs, KL and advantages are fp32 wh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,7 +149,7 @@ class Learner:
             return self._update_value_gradient(batch)
         traj = batch.traj
         adv, adv_std = self._advantages(batch)
-        n, d = traj.num_steps, traj.latents[0, 0].numel()
+        d = traj.latents[0, 0].numel()
         use_kl = alg.name == "ctrl" and alg.kl_coef > 0
         stats: dict[str, list[float]] = {
             "loss": [],
@@ -157,34 +158,50 @@ class Learner:
             "kl_penalty": [],
             "grad_norm": [],
         }
+
+        def step_loss(sub: Trajectory, idx: Tensor, k: int, num_trained: int) -> Tensor:
+            out = transition(self.policy, sub, k)
+            log_ratio = (out.log_prob - sub.log_probs[:, k].to(out.log_prob.device)) / d
+            pg, clipfrac, approx_kl = clipped_surrogate(
+                adv[idx, k].to(log_ratio.device), log_ratio, alg.clip_range
+            )
+            loss = pg / num_trained
+            if use_kl:
+                kl_theta = step_kl(out.mean, sub.extras["mean_ref"][:, k].to(out.mean.device), out.std)
+                # Same reductions as the surrogate, so kl_coef keeps its meaning: the surrogate is
+                # divided by std_k (advantage normalisation), by D (dim-averaged log-probs) and by
+                # the number of steps (mean over k); the exact gradient of E[r] - kl_coef KL is
+                # sum_k [E[A_k grad log p] - kl_coef grad KL_k], so the penalty takes the same scale.
+                penalty = alg.kl_coef * (kl_theta / (float(adv_std[k]) * d)).mean() / num_trained
+                loss = loss + penalty
+                stats["kl_penalty"].append(penalty.item())
+            stats["clipfrac"].append(float(clipfrac))
+            stats["approx_kl"].append(float(approx_kl))
+            return loss
+
+        return self._optimise(traj, step_loss, stats)
+
+    def _optimise(
+        self,
+        traj: Trajectory,
+        step_loss: Callable[[Trajectory, Tensor, int, int], Tensor],
+        stats: dict[str, list[float]],
+    ) -> dict[str, float]:
+        """updates_per_epoch passes of shuffled micro-batches; per micro-batch the gradients of
+        step_loss(sub, idx, k, num_trained) accumulate over the trained steps k, then one clipped step."""
+        alg = self.cfg.algorithm
         params = self.policy.trainable_parameters()
+        stats.setdefault("loss", [])
+        stats.setdefault("grad_norm", [])
         for _ in range(alg.updates_per_epoch):
             for idx in torch.randperm(traj.batch_size, generator=self.generator).split(alg.micro_batch_size):
                 sub = traj.index(idx)
-                steps = self._steps(n)
+                steps = self._steps(traj.num_steps)
                 self.optimizer.zero_grad(set_to_none=True)
                 for k in steps:
-                    out = transition(self.policy, sub, k)
-                    log_ratio = (out.log_prob - sub.log_probs[:, k].to(out.log_prob.device)) / d
-                    pg, clipfrac, approx_kl = clipped_surrogate(
-                        adv[idx, k].to(log_ratio.device), log_ratio, alg.clip_range
-                    )
-                    loss = pg / len(steps)
-                    if use_kl:
-                        kl_theta = step_kl(
-                            out.mean, sub.extras["mean_ref"][:, k].to(out.mean.device), out.std
-                        )
-                        # Same reductions as the surrogate, so kl_coef keeps its meaning: the surrogate is
-                        # divided by std_k (advantage normalisation), by D (dim-averaged log-probs) and by
-                        # the number of steps (mean over k); the exact gradient of E[r] - kl_coef KL is
-                        # sum_k [E[A_k grad log p] - kl_coef grad KL_k], so the penalty takes the same scale.
-                        penalty = alg.kl_coef * (kl_theta / (float(adv_std[k]) * d)).mean() / len(steps)
-                        loss = loss + penalty
-                        stats["kl_penalty"].append(penalty.item())
+                    loss = step_loss(sub, idx, k, len(steps))
                     loss.backward()
                     stats["loss"].append(loss.item())
-                    stats["clipfrac"].append(float(clipfrac))
-                    stats["approx_kl"].append(float(approx_kl))
                 gn = torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)
                 stats["grad_norm"].append(float(gn))
                 self.optimizer.step()
@@ -202,33 +219,23 @@ class Learner:
         [c1 grad_x V(t_k, x_k) - kl_coef c2 (s_theta - s_ref)],  c1 = (1 + eta^2)/2 g^2,
         c2 = (1 + eta^2)^2 / (4 eta^2) g^2  (for eta = 1 both are g^2, ALGORITHM.md section 5)."""
         alg, traj = self.cfg.algorithm, batch.traj
-        eta, n = traj.eta, traj.num_steps
-        stats: dict[str, list[float]] = {"loss": [], "grad_norm": []}
-        params = self.policy.trainable_parameters()
-        for _ in range(alg.updates_per_epoch):
-            for idx in torch.randperm(traj.batch_size, generator=self.generator).split(alg.micro_batch_size):
-                sub = traj.index(idx)
-                steps = self._steps(n)
-                self.optimizer.zero_grad(set_to_none=True)
-                for k in steps:
-                    t, s = sub.timesteps[k], sub.timesteps[k + 1]
-                    g2 = float(self.policy.schedule.beta(torch.as_tensor(t)))
-                    h = float(t - s)
-                    c1 = 0.5 * (1 + eta**2) * g2
-                    c2 = (1 + eta**2) ** 2 / (4 * eta**2) * g2
-                    grad_v = self._grad_x_value(sub, k)
-                    x = sub.latents[:, k].to(self.policy.device)
-                    s_theta = self._score(x, t, sub)
-                    with torch.no_grad(), self.policy.reference():
-                        s_ref = self._score(x, t, sub)
-                    direction = c1 * grad_v - alg.kl_coef * c2 * (s_theta.detach() - s_ref)
-                    loss = -(h * (s_theta * direction).flatten(1).sum(1)).mean()
-                    loss.backward()
-                    stats["loss"].append(loss.item())
-                gn = torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)
-                stats["grad_norm"].append(float(gn))
-                self.optimizer.step()
-        return {f"learner/{k}": float(np.mean(v)) for k, v in stats.items() if v}
+        eta = traj.eta
+
+        def step_loss(sub: Trajectory, idx: Tensor, k: int, num_trained: int) -> Tensor:
+            t, s = sub.timesteps[k], sub.timesteps[k + 1]
+            g2 = float(self.policy.schedule.beta(torch.as_tensor(t)))
+            h = float(t - s)
+            c1 = 0.5 * (1 + eta**2) * g2
+            c2 = (1 + eta**2) ** 2 / (4 * eta**2) * g2
+            grad_v = self._grad_x_value(sub, k)
+            x = sub.latents[:, k].to(self.policy.device)
+            s_theta = self._score(x, t, sub)
+            with torch.no_grad(), self.policy.reference():
+                s_ref = self._score(x, t, sub)
+            direction = c1 * grad_v - alg.kl_coef * c2 * (s_theta.detach() - s_ref)
+            return -(h * (s_theta * direction).flatten(1).sum(1)).mean()
+
+        return self._optimise(traj, step_loss, {})
 
     def _grad_x_value(self, sub: Trajectory, k: int) -> Tensor:
         """grad_x V(t_k, x) at the stored states (B, ...), float32, detached."""
