@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from scoreaction.reward_config import RewardConfig
+
 ModelPreset = Literal["tiny", "toy-gmm", "sd15", "sd15-random"]
 MODEL_PRESETS: tuple[str, ...] = ("tiny", "toy-gmm", "sd15", "sd15-random")
 DEFAULT_SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -23,6 +25,7 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
 
 
 class ToyConfig(_Section):
@@ -96,14 +99,6 @@ class SamplerConfig(_Section):
         None, ge=8, le=4096, multiple_of=8, description="Image width in px (default: model's)."
     )
     batch_size: int = Field(8, ge=1, description="Trajectories sampled per UNet batch.")
-
-
-class RewardConfig(_Section):
-    name: Literal["linear", "jpeg_compressibility", "jpeg_incompressibility"] = Field(
-        "jpeg_compressibility",
-        description="Reward to maximise: linear (toy: a^T x), jpeg_(in)compressibility.",
-    )
-    direction: list[float] | None = Field(None, description="The vector a of the linear reward r(x) = a^T x.")
 
 
 class AlgorithmConfig(_Section):

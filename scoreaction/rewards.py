@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from scoreaction.config import RewardConfig
+from scoreaction.reward_config import RewardConfig
 
 RewardFn = Callable[[Tensor, list[str]], Tensor]
 REWARDS: tuple[str, ...] = ("linear", "jpeg_compressibility", "jpeg_incompressibility")
