@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from scoreaction.resources_config import ResourcesConfig
 from scoreaction.reward_config import RewardConfig
 
 ModelPreset = Literal["tiny", "toy-gmm", "sd15", "sd15-random"]
@@ -25,7 +26,6 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
 
 
 class ToyConfig(_Section):
@@ -160,6 +160,11 @@ class RunConfig(_Section):
         1, ge=1, description="Write a sample grid every this many epochs (image presets)."
     )
     output_dir: str = Field("outputs/run", description="Where checkpoints, logs, grids and summary.json go.")
+    storage_path: str | None = Field(
+        None,
+        description="Shared storage (a path every node sees, or a URI) for Ray Train's run state; "
+        "None = under output_dir.",
+    )
     num_samples: int = Field(16, ge=1, description="Trajectories sampled per epoch.")
     prompts: list[str] = Field(
         default_factory=lambda: [
@@ -180,6 +185,7 @@ class Config(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     value: ValueConfig = Field(default_factory=ValueConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

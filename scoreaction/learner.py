@@ -77,6 +77,24 @@ class Learner:
         self.tracker = PerPromptStatTracker(alg.stat_buffer, alg.stat_min_count)
         self.generator = torch.Generator().manual_seed(cfg.run.seed + 1)
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the policy weights: both optimisers, F_phi, the DDPO
+        stat tracker and the learner's RNG (timestep subsets, shuffles)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "value_optimizer": self.value_optimizer.state_dict(),
+            "value_fn": self.value_fn.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.value_optimizer.load_state_dict(state["value_optimizer"])
+        self.value_fn.load_state_dict(state["value_fn"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.generator.set_state(state["generator"])
+
     # ----------------------------------------------------------------------------------------------
     # Value function
     # ----------------------------------------------------------------------------------------------
