@@ -44,6 +44,13 @@ def _from_pretrained(cls, spec: str, field: str, **kwargs):
         ) from None
 
 
+def _field(size, key: str):
+    """A key of an image processor's size (a dict in 4.x, a SizeDict in 5.x, or an int)."""
+    if isinstance(size, int):
+        return size
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
 class PickScoreReward(ModelReward):
     """pickscore = exp(logit_scale) * cos(E_img(x), E_txt(prompt)): (B,)."""
 
@@ -52,10 +59,9 @@ class PickScoreReward(ModelReward):
     def __init__(self, model, tokenizer, image_processor, device, dtype, batch_size: int) -> None:
         super().__init__(device, dtype, batch_size)
         self.model, self.tokenizer = model, tokenizer
-        crop = image_processor.crop_size
-        self.size = int(crop["height"] if isinstance(crop, dict) else crop)
-        shortest = image_processor.size
-        shortest = shortest.get("shortest_edge", self.size) if isinstance(shortest, dict) else shortest
+        crop, resize = image_processor.crop_size, image_processor.size
+        self.size = int(_field(crop, "height"))
+        shortest = int(_field(resize, "shortest_edge") or self.size)
         if int(shortest) != self.size:
             raise RewardError(
                 f"reward.pickscore.processor resizes to {shortest} and crops {self.size}: only equal sizes "

@@ -1,15 +1,20 @@
 """Image preprocessing of the CLIP-family reward models, on tensors (so gradients can flow).
 
-The authors' pipelines start from PIL images; ours start from (B, 3, H, W) float tensors in [0, 1]:
+The authors' pipelines start from PIL (uint8) images; ours start from (B, 3, H, W) float tensors in [0, 1].
+Without gradients (the usual call) the images are first rounded to uint8 levels, as saving them as PIL
+images would, and then:
 
-- CLIP / open_clip / PickScore / ImageReward / the aesthetic predictor: ``Resize(size, BICUBIC)`` of the
-  shortest edge, ``CenterCrop(size)``, ``ToTensor``, ``Normalize(mean, std)``. PIL resizes uint8 images
-  with an antialiasing bicubic filter and saturates to [0, 255]; here torchvision's antialiased bicubic
-  resize on the float tensor (torchvision's tensor path is built to match PIL's filter) followed by a
-  clamp to [0, 1]. The result matches PIL's to about 1/255 per pixel (PIL also rounds to uint8).
+- CLIP / open_clip / PickScore / ImageReward / the aesthetic predictor: exactly the authors' transform on
+  PIL images: ``Resize(size, BICUBIC)`` of the shortest edge, ``CenterCrop(size)``, ``ToTensor``,
+  ``Normalize(mean, std)``.
 - HPSv2 (its open_clip fork, ``light_augmentation=True``): ``ToTensor`` first, then ``ResizeMaxSize``
-  (longest edge to size, bicubic on the float tensor, no clamp), zero padding to a square, ``Normalize``.
-  That is the same tensor computation as theirs.
+  (longest edge to size, bicubic on the float tensor, no clamp), zero padding to a square, ``Normalize``:
+  the same tensor computation as theirs.
+
+With gradients (``images.requires_grad``: the value-gradient estimator) nothing is rounded and the PIL
+resize is replaced by torchvision's differentiable antialiased bicubic resize of the float tensor plus a
+clamp to [0, 1]: within 1.5/255 of PIL's on smooth images (a few levels on pixel noise, since PIL works in
+fixed point on uint8).
 """
 
 from __future__ import annotations
@@ -28,6 +33,24 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def quantize(x: Tensor) -> Tensor:
+    """Round to uint8 levels, as converting to a PIL image does: round(x * 255) / 255."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def pil_resize_center_crop(x: Tensor, size: int) -> Tensor:
+    """The authors' PIL path, per image: uint8 PIL image -> Resize(size, BICUBIC) -> CenterCrop -> ToTensor."""
+    from PIL import Image
+    from torchvision.transforms import functional as F
+
+    arr = (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for a in arr:
+        img = F.resize(Image.fromarray(a), size, interpolation=InterpolationMode.BICUBIC)
+        out.append(F.to_tensor(F.center_crop(img, [size, size])))
+    return torch.stack(out).to(x.device)
 
 
 def resize_shortest_center_crop(x: Tensor, size: int, clamp: bool = True) -> Tensor:
@@ -69,11 +92,13 @@ def clip_preprocess(
     """images (B, 3, H, W) in [0, 1] -> model pixels (B, 3, size, size), normalised.
 
     mode: "shortest" (resize shortest edge + centre crop, the CLIP default) or "longest_pad" (HPSv2).
+    Exact PIL path unless x requires grad (see the module docstring).
     """
+    exact = not x.requires_grad
     if mode == "longest_pad":
-        x = resize_max_pad(x, size)
+        x = resize_max_pad(quantize(x) if exact else x, size)
     elif mode == "shortest":
-        x = resize_shortest_center_crop(x, size)
+        x = pil_resize_center_crop(x, size) if exact else resize_shortest_center_crop(x, size)
     else:
         raise ValueError(f"preprocess mode={mode!r}; allowed: shortest, longest_pad")
     return normalize(x, mean, std)
