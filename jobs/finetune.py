@@ -1,26 +1,46 @@
-"""scoreaction's main job: fine-tune a diffusion model with CTRL (score as action) or DDPO.
+"""scoreaction's main job: fine-tune a diffusion model with CTRL (score as action) or DDPO on Ray.
 
-    python jobs/finetune.py [--preset NAME] [--config FILE.yaml] [--set dotted.key=value ...] [--output-dir DIR]
+    python jobs/finetune.py [--preset NAME] [--config FILE.yaml] [--set dotted.key=value ...]
+                            [--output-dir DIR] [--resume] [--dry-run] [--single-process]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/finetune.py --output-dir /shared/run
 
-Runs the loop in one process (rollout -> reward -> value update -> policy update per epoch; the Ray
-actors and the Ray Train learner are the next step). Writes DIR/summary.json, DIR/reward_curve.png,
-sample grids under DIR/samples/ (image presets) and checkpoints under DIR/checkpoints/.
+Connects to the Ray cluster in RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray.
+Rollout actors sample, reward actors score each batch as it lands, a Ray Train learner updates the value
+function and the policy and publishes the new weights (see scoreaction/distributed/). Writes
+DIR/summary.json, DIR/reward_curve.png, DIR/tensorboard/, sample grids under DIR/samples/ and checkpoints
+under DIR/checkpoints/ (or run.storage_path). --resume continues the run in DIR from its last checkpoint;
+--dry-run prints the resource plan for the cluster it sees and exits; --single-process runs the reference
+loop in this process without Ray.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
-
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scoreaction.checkpoint import latest_checkpoint  # noqa: E402
 from scoreaction.config import PRESETS, Config, ConfigError, build_config  # noqa: E402
-from scoreaction.trainer import Trainer  # noqa: E402
+from scoreaction.distributed.plan import (  # noqa: E402
+    PlanError,
+    build_plan,
+    check_fit,
+    format_plan,
+    local_cpus,
+    local_node,
+    nodes_from_ray,
+    validate_layout,
+)
+from scoreaction.distributed.resume import ResumeError  # noqa: E402
+
+
+class ConnectError(RuntimeError):
+    """RAY_ADDRESS names no reachable Ray cluster."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,12 +55,99 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="dotted override, value parsed as YAML, e.g. --set sampler.num_steps=20 (repeatable)",
     )
-    p.add_argument("--output-dir", default=None, help="run folder (default: run.output_dir)")
+    p.add_argument(
+        "--output-dir", default=None, help="run folder (default: run.output_dir); absolute under a job"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the resource plan for the cluster and exit")
+    p.add_argument(
+        "--single-process", action="store_true", help="run the reference loop in this process, no Ray"
+    )
     return p.parse_args(argv)
 
 
-def run_finetune(cfg: Config, out: Path) -> dict:
-    """Fine-tune with a progress bar per epoch; returns the summary written to out/summary.json."""
+# --------------------------------------------------------------------------------------------------
+# Ray connection (jobs/ is the only place that calls ray.init)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with a clear message, when RAY_ADDRESS cannot be reached (ray.init would retry a while)."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise ConnectError(
+            f"RAY_ADDRESS={address!r} is a dashboard (job API) address; jobs/finetune.py connects to the "
+            "cluster itself (host:6379 or ray://host:10001). Submit with `ray job submit --address "
+            f"{address} -- python jobs/finetune.py ...`, or unset RAY_ADDRESS to start a local Ray."
+        )
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectError(f"RAY_ADDRESS={address!r} is not host:port, ray://host:port, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectError(
+            f"RAY_ADDRESS={address!r}: no Ray cluster is reachable there ({exc}). Start one with "
+            "`ray start --head`, fix the address, or unset RAY_ADDRESS to run on a local Ray."
+        ) from None
+
+
+def connect(cfg: Config) -> bool:
+    """Connect to RAY_ADDRESS or start a local Ray sized for the plan; True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as exc:
+            raise ConnectError(f"RAY_ADDRESS={address!r}: could not connect ({exc})") from None
+        return True
+    ray.init(address="local", num_cpus=local_cpus(build_plan(cfg)), **quiet)
+    return True
+
+
+def cluster_nodes(cfg: Config) -> tuple[list, str]:
+    """The nodes the run would use, without starting anything locally."""
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        started = connect(cfg)
+        try:
+            return nodes_from_ray(ray.nodes()), f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+        finally:
+            if started:
+                ray.shutdown()
+    import torch
+
+    return [local_node(build_plan(cfg), torch.cuda.device_count())], "a local Ray (not started by --dry-run)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------------
+
+
+def run_single_process(cfg: Config, out: Path) -> dict:
+    """The reference loop in one process (no Ray), with a progress bar per epoch."""
+    from tqdm import tqdm
+
+    from scoreaction.trainer import Trainer
+
+    if latest_checkpoint(out) is not None:
+        raise ResumeError(
+            f"--output-dir {str(out)!r} already holds a run's checkpoints ({latest_checkpoint(out)}); "
+            "choose another folder (--resume needs the distributed path). Nothing was overwritten."
+        )
+    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, out)
     bar = tqdm(total=cfg.run.epochs, desc=f"{cfg.algorithm.name} on {cfg.model.preset}", unit="epoch")
 
@@ -54,6 +161,29 @@ def run_finetune(cfg: Config, out: Path) -> dict:
         bar.close()
 
 
+def run(cfg: Config, out: Path, resume: bool) -> dict:
+    """The distributed run: checks first (nothing started, nothing written), then Ray."""
+    import torch
+
+    from scoreaction.distributed.driver import check_run_dir, checkpoint_dir_for, run_distributed
+
+    validate_layout(cfg)
+    check_run_dir(cfg, checkpoint_dir_for(cfg, out), resume)
+    local = not os.environ.get("RAY_ADDRESS")
+    if local and cfg.resources.require_fit:
+        check_fit(build_plan(cfg), [local_node(build_plan(cfg), torch.cuda.device_count())])
+    started = connect(cfg)
+    try:
+        # one host: each phase of an epoch may use every core (they mostly run one after another)
+        threads = cfg.resources.torch_threads or (os.cpu_count() if local and started else None)
+        return run_distributed(cfg, out, resume=resume, threads=threads)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -62,15 +192,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir:
             overrides.append(f"run.output_dir={args.output_dir}")
         cfg = build_config(args.preset, args.config, overrides)
-        out = Path(cfg.run.output_dir)
-        if latest_checkpoint(out) is not None:
-            raise ConfigError(
-                f"--output-dir {str(out)!r} already holds a run's checkpoints ({latest_checkpoint(out)}); "
-                "choose another folder (resuming a run is not implemented yet). Nothing was overwritten."
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        summary = run_finetune(cfg, out)
-    except (ConfigError, ValueError) as exc:
+        out = Path(cfg.run.output_dir).expanduser().resolve()
+        if args.dry_run:
+            from scoreaction.distributed.driver import checkpoint_dir_for
+
+            validate_layout(cfg)
+            nodes, where = cluster_nodes(cfg)
+            text = format_plan(cfg, build_plan(cfg), nodes, where, str(checkpoint_dir_for(cfg, out)))
+            print(text)
+            check_fit(build_plan(cfg), nodes)
+            return 0
+        if args.single_process:
+            if args.resume:
+                raise ConfigError("--resume works with the distributed path only; drop --single-process")
+            summary = run_single_process(cfg, out)
+        else:
+            summary = run(cfg, out, args.resume)
+    except (ConfigError, PlanError, ResumeError, ConnectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     final = summary["final"]

@@ -1,0 +1,289 @@
+"""The driver of a distributed run: checks the plan against the cluster, starts the actors and the Ray
+Train learner, and writes what the learner reports (progress, TensorBoard, grids, summary, reward curve).
+
+Expects Ray to be initialised already (``jobs/finetune.py`` does that). The epoch loop itself runs in the
+learner (``learner_loop``); the driver only starts things, watches, and cleans up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from scoreaction.config import Config
+from scoreaction.distributed.faults import FaultPlan
+from scoreaction.distributed.plan import (
+    PlanError,
+    build_plan,
+    check_fit,
+    learner_backend,
+    nodes_from_ray,
+    validate_layout,
+)
+from scoreaction.distributed.reporter import RunReporter
+from scoreaction.distributed.resume import (
+    ResumeError,
+    config_differences,
+    latest_step_dir,
+    read_training_checkpoint,
+)
+from scoreaction.distributed.workers import MetricsSink, RewardWorker, RolloutWorker
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_dir_for(cfg: Config, out: Path) -> Path:
+    """Where the run's checkpoints go: <output_dir>/checkpoints, or <storage_path>/<run name>/checkpoints
+    (a path every node sees) when run.storage_path is set."""
+    if cfg.run.storage_path:
+        if "://" in cfg.run.storage_path:
+            raise PlanError(
+                f"run.storage_path={cfg.run.storage_path!r}: give a filesystem path that every node mounts "
+                "(NFS, EFS, a GCS/S3 fuse mount); URIs are not supported because checkpoints are published "
+                "with atomic renames"
+            )
+        return Path(cfg.run.storage_path).expanduser().resolve() / Path(out).resolve().name / "checkpoints"
+    return Path(out).resolve() / "checkpoints"
+
+
+def check_run_dir(cfg: Config, checkpoint_dir: Path, resume: bool) -> Path | None:
+    """Refuse to mix runs: without resume the folder must hold no checkpoint; with resume it must, from a
+    run with the same settings. Returns the checkpoint to resume from."""
+    latest = latest_step_dir(checkpoint_dir)
+    if not resume:
+        if latest is not None:
+            raise ResumeError(
+                f"{str(checkpoint_dir)!r} already holds a run's checkpoints (latest: {latest.name}); pass "
+                "--resume to continue that run, or choose another --output-dir. Nothing was overwritten."
+            )
+        return None
+    if latest is None:
+        raise ResumeError(
+            f"--resume: {str(checkpoint_dir)!r} holds no complete checkpoint to resume from; run without "
+            "--resume to start this run"
+        )
+    _, progress = read_training_checkpoint(latest)
+    import json
+
+    saved = json.loads((latest / "checkpoint.json").read_text()).get("config", {})
+    diffs = config_differences(saved, cfg.model_dump())
+    if diffs:
+        raise ResumeError(
+            f"--resume: the config differs from the run in {str(checkpoint_dir)!r} in: {'; '.join(diffs)}. "
+            "A resumed run may change only run.epochs, the output/storage paths, checkpoint/grid cadence and "
+            "resources."
+        )
+    if progress["epoch"] > cfg.run.epochs:
+        raise ResumeError(
+            f"--resume: the checkpoint is at epoch {progress['epoch']} but run.epochs={cfg.run.epochs}; "
+            "set run.epochs to at least that"
+        )
+    return latest
+
+
+def absolutize(cfg: Config) -> Config:
+    """Relative local paths resolved against the driver's working directory (actors and Ray Train workers
+    run elsewhere)."""
+    cfg = cfg.model_copy(deep=True)
+    p = cfg.model.name_or_path
+    if p and Path(p).expanduser().exists():
+        cfg.model.name_or_path = str(Path(p).expanduser().resolve())
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    return cfg
+
+
+def _threads(explicit: int | None, cpus: float) -> int:
+    return explicit or max(1, math.ceil(cpus))
+
+
+@dataclass
+class Actors:
+    sink: Any
+    rollout: list = field(default_factory=list)
+    reward: list = field(default_factory=list)
+    info: dict[str, list[dict]] = field(default_factory=dict)
+
+    def kill(self) -> None:
+        for a in [*self.rollout, *self.reward, self.sink]:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+
+
+def start_actors(
+    cfg: Config,
+    threads: int | None = None,
+    faults: FaultPlan | None = None,
+    reward_factory: Callable | None = None,
+) -> Actors:
+    """Create the sink, rollout and reward actors and wait until they are up (or fail clearly)."""
+    r = cfg.resources
+    cfg_dict = cfg.model_dump()
+    strategy = "SPREAD" if r.placement == "spread" else "DEFAULT"
+    common = {
+        "max_restarts": r.max_restarts,
+        "max_task_retries": r.max_restarts,
+        "scheduling_strategy": strategy,
+    }
+    actors = Actors(sink=ray.remote(MetricsSink).options(num_cpus=0).remote())
+    rollout_cls = ray.remote(RolloutWorker).options(
+        num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, resources=r.rollout_resources or None, **common
+    )
+    reward_cls = ray.remote(RewardWorker).options(
+        num_cpus=r.reward_cpus, num_gpus=r.reward_gpus, resources=r.reward_resources or None, **common
+    )
+    actors.rollout = [
+        rollout_cls.remote(cfg_dict, i, _threads(threads or r.torch_threads, r.rollout_cpus), faults)
+        for i in range(r.num_rollout_workers)
+    ]
+    actors.reward = [
+        reward_cls.remote(
+            cfg_dict, i, _threads(threads or r.torch_threads, r.reward_cpus), faults, reward_factory
+        )
+        for i in range(r.num_reward_workers)
+    ]
+    try:
+        info = ray.get([a.ready.remote() for a in actors.rollout + actors.reward], timeout=r.start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        actors.kill()
+        raise PlanError(
+            f"the rollout/reward actors did not start within resources.start_timeout_s={r.start_timeout_s:g} s: "
+            "the cluster has not got the resources free (other jobs?) or cannot start the workers; "
+            "`ray status` shows pending demands"
+        ) from None
+    except ray.exceptions.RayActorError as exc:
+        actors.kill()
+        raise RuntimeError(f"an actor failed to start: {exc}") from exc
+    actors.info = {"rollout": info[: len(actors.rollout)], "reward": info[len(actors.rollout) :]}
+    return actors
+
+
+def make_trainer(
+    cfg: Config, actors: Actors, checkpoint_dir: Path, threads: int | None, faults: FaultPlan | None
+):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from scoreaction.distributed.learner_loop import train_loop
+
+    r = cfg.resources
+    per_worker = {"CPU": r.learner_cpus, **r.learner_resources}
+    if r.learner_gpus > 0:
+        per_worker["GPU"] = r.learner_gpus
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "rollout_workers": actors.rollout,
+            "reward_workers": actors.reward,
+            "sink": actors.sink,
+            "checkpoint_dir": str(checkpoint_dir),
+            "threads": _threads(threads or r.torch_threads, r.learner_cpus),
+            "faults": faults,
+        },
+        torch_config=TorchConfig(backend=learner_backend(cfg)),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_learner_workers, use_gpu=r.learner_gpus > 0, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=checkpoint_dir.name,
+            storage_path=str(checkpoint_dir.parent),
+            failure_config=FailureConfig(max_failures=r.max_learner_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+class _Pump(threading.Thread):
+    """Drains the sink into the reporter while fit() runs."""
+
+    def __init__(self, sink, reporter: RunReporter, on_event: Callable | None) -> None:
+        super().__init__(daemon=True)
+        self.sink, self.reporter, self.on_event = sink, reporter, on_event
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def drain(self) -> None:
+        for kind, payload in ray.get(self.sink.drain.remote()):
+            self.reporter.handle(kind, payload)
+            if self.on_event is not None:
+                self.on_event(kind, payload)
+
+    def run(self) -> None:
+        try:
+            while not self.stop.wait(0.5):
+                self.drain()
+        except BaseException as exc:  # reported after fit()
+            self.error = exc
+
+
+def run_distributed(
+    cfg: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    threads: int | None = None,
+    faults: FaultPlan | None = None,
+    reward_factory: Callable | None = None,
+    on_event: Callable[[str, dict], None] | None = None,
+    progress_bar: bool = True,
+) -> dict[str, Any]:
+    """Run the whole fine-tuning on the connected Ray cluster; returns the summary (also in summary.json).
+
+    threads: torch threads per actor (None: resources.torch_threads or each actor's CPUs).
+    faults: kill processes on purpose (tests, drills). reward_factory: cfg -> reward fn, instead of
+    build_reward (benchmarks). on_event(kind, payload): called for every learner event (tests).
+    """
+    t_start = time.perf_counter()
+    cfg = absolutize(cfg)
+    out = Path(cfg.run.output_dir if out is None else out).resolve()
+    validate_layout(cfg)
+    checkpoint_dir = checkpoint_dir_for(cfg, out)
+    check_run_dir(cfg, checkpoint_dir, resume)
+    plan = build_plan(cfg)
+    nodes = nodes_from_ray(ray.nodes())
+    if cfg.resources.require_fit:
+        check_fit(plan, nodes)
+    if len(nodes) > 1 and not cfg.run.storage_path:
+        logger.warning(
+            "%d nodes and run.storage_path is not set: checkpoints go to %s on the learner's node; set "
+            "run.storage_path to storage every node mounts",
+            len(nodes),
+            checkpoint_dir,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    actors = start_actors(cfg, threads, faults, reward_factory)
+    reporter = RunReporter(cfg, out, progress_bar=progress_bar)
+    pump = _Pump(actors.sink, reporter, on_event)
+    pump.start()
+    try:
+        result = make_trainer(cfg, actors, checkpoint_dir, threads, faults).fit()
+    finally:
+        pump.stop.set()
+        pump.join()
+        try:
+            pump.drain()
+        finally:
+            reporter.close()
+            actors.kill()
+    if pump.error is not None:
+        raise pump.error
+    final_ckpt = latest_step_dir(checkpoint_dir)
+    extra = {
+        "checkpoint": str(final_ckpt) if final_ckpt else None,
+        "checkpoint_dir": str(checkpoint_dir),
+        "ray_train_checkpoint": getattr(result.checkpoint, "path", None),
+        "placement": {k: [i["node_id"] for i in v] for k, v in actors.info.items()},
+        "resources": cfg.resources.model_dump(),
+    }
+    return reporter.write_summary(time.perf_counter() - t_start, extra)

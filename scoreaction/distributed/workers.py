@@ -1,0 +1,162 @@
+"""The actors of a distributed run: RolloutWorker (policy copy, SDE sampling), RewardWorker (scores terminal
+images), MetricsSink (the learner's mailbox to the driver).
+
+They are plain classes, made into Ray actors by ``ray.remote(...)`` in the driver, so they also run (and
+are tested) in one process. Determinism: the noise of rollout batch ``chunk`` of epoch ``epoch`` comes from
+a generator seeded by (run.seed, epoch, chunk) alone, so a batch re-run after a crash, or sampled by another
+worker, or with a different number of workers, is the same batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from scoreaction.config import Config
+from scoreaction.distributed.faults import FaultPlan, maybe_fail
+from scoreaction.learner import reward_of_x0_hat
+from scoreaction.rewards import RewardFn, build_reward
+from scoreaction.sampling import Trajectory, sample_trajectories
+from scoreaction.trainer import build_policy
+
+logger = logging.getLogger(__name__)
+
+# Epoch indices of rollouts that are not fine-tuning epochs (as in scoreaction.trainer.Trainer).
+EVAL_EPOCH_OFFSET = 10_000
+
+
+def epoch_prompts(cfg: Config, epoch: int, num_samples: int | None = None) -> list[str]:
+    """The prompts of an epoch, round robin over run.prompts (the single-process Trainer's order)."""
+    ps, n = cfg.run.prompts, cfg.run.num_samples
+    return [ps[(epoch * n + i) % len(ps)] for i in range(n)][: num_samples or n]
+
+
+def chunk_bounds(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each rollout batch of an epoch."""
+    return [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
+
+
+def chunk_seed(seed: int, epoch: int, chunk: int) -> int:
+    """A 63-bit seed from (run seed, epoch, batch index); epochs may be negative (value pre-training)."""
+    entropy = [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, epoch + (1 << 20), chunk]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+class RolloutWorker:
+    """Holds the pipeline and a policy copy; samples trajectories with the reference KL recorded."""
+
+    def __init__(
+        self, cfg: dict, index: int, threads: int | None = None, faults: FaultPlan | None = None
+    ) -> None:
+        set_threads(threads)
+        self.cfg = Config.model_validate(cfg)
+        self.index = index
+        self.faults = faults
+        torch.manual_seed(self.cfg.run.seed)
+        self.policy = build_policy(self.cfg)
+        self.version: str | None = None
+
+    def ready(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": str(self.policy.device),
+            "threads": torch.get_num_threads(),
+        }
+
+    def load_weights(self, version: str, state_box: list) -> float:
+        """Load the trainable weights of `version` unless already loaded; seconds spent.
+
+        state_box: [ObjectRef of the state dict] (boxed so that Ray does not fetch it for every call)
+        or [state dict] when called in-process.
+        """
+        if version == self.version:
+            return 0.0
+        t0 = time.perf_counter()
+        state = state_box[0]
+        if not isinstance(state, dict):
+            import ray
+
+            state = ray.get(state)
+        self.policy.load_trainable_state_dict(state)
+        self.version = version
+        return time.perf_counter() - t0
+
+    def sample(self, version: str, state_box: list, epoch: int, chunk: int, prompts: list[str]) -> Trajectory:
+        """One rollout batch of the given epoch with the weights of `version` (loaded first if this worker
+        restarted or has not seen them yet). Returns a CPU Trajectory."""
+        self.load_weights(version, state_box)
+        maybe_fail(self.faults, "rollout", epoch, self.index)
+        gen = torch.Generator(device=self.policy.device).manual_seed(
+            chunk_seed(self.cfg.run.seed, epoch, chunk)
+        )
+        return sample_trajectories(self.policy, prompts, self.cfg.sampler, gen, record_reference=True).to(
+            "cpu"
+        )
+
+
+class RewardWorker:
+    """Scores rollout batches: the reward of the terminal images, and R(x0_hat_k) for every state when the
+    value function uses the reward prior (value.use_reward_prior)."""
+
+    def __init__(
+        self,
+        cfg: dict,
+        index: int,
+        threads: int | None = None,
+        faults: FaultPlan | None = None,
+        reward_factory: Callable[[Config], RewardFn] | None = None,
+    ) -> None:
+        set_threads(threads)
+        self.cfg = Config.model_validate(cfg)
+        self.index = index
+        self.faults = faults
+        self.reward_fn = reward_factory(self.cfg) if reward_factory else build_reward(self.cfg.reward)
+        # decode() and the schedule for x0_hat; built only when needed
+        self._policy = build_policy(self.cfg) if self.cfg.value.use_reward_prior else None
+
+    def ready(self) -> dict[str, Any]:
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def score(self, epoch: int, chunk: int, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """rewards (B,) float32 and r_x0 (B, N) or None, on CPU."""
+        maybe_fail(self.faults, "reward", epoch, self.index)
+        rewards = self.reward_fn(traj.images, traj.prompts).float().cpu()
+        r_x0 = reward_of_x0_hat(self._policy, traj, self.reward_fn) if self._policy is not None else None
+        return rewards, r_x0
+
+
+class MetricsSink:
+    """The learner's mailbox to the driver: (kind, payload) events, drained by the driver's reporter."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.seen: list[tuple[str, int]] = []
+
+    def push(self, kind: str, payload: Any) -> None:
+        self.events.append((kind, payload))
+        if isinstance(payload, dict) and "epoch" in payload:
+            self.seen.append((kind, int(payload["epoch"])))
+
+    def drain(self) -> list[tuple[str, Any]]:
+        out, self.events = self.events, []
+        return out
+
+    def progress(self) -> list[tuple[str, int]]:
+        """(kind, epoch) of every event so far (tests watch it to act mid-run)."""
+        return list(self.seen)

@@ -1,0 +1,233 @@
+"""The distributed layer's pure parts, without Ray: resource plan, resume state, atomic checkpoints, seeding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from scoreaction.config import build_config
+from scoreaction.distributed.plan import (
+    NodeInfo,
+    PlanError,
+    build_plan,
+    check_fit,
+    format_plan,
+    validate_layout,
+)
+from scoreaction.distributed.resume import (
+    ResumeError,
+    config_differences,
+    flatten_state,
+    latest_step_dir,
+    publish_latest,
+    read_training_checkpoint,
+    unflatten_state,
+    write_training_checkpoint,
+)
+from scoreaction.distributed.workers import chunk_bounds, chunk_seed, epoch_prompts
+from scoreaction.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(*overrides: str, preset: str = "toy-gmm"):
+    return build_config(preset, overrides=list(overrides))
+
+
+# --------------------------------------------------------------------------------------------------
+# Resource plan
+# --------------------------------------------------------------------------------------------------
+
+
+def test_plan_totals_and_placement_on_gpu_nodes():
+    cfg = _cfg(
+        "resources.num_rollout_workers=2",
+        "resources.rollout_gpus=1",
+        "resources.learner_gpus=0.5",
+        "resources.reward_gpus=0.25",
+    )
+    plan = build_plan(cfg)
+    # 2 x 1 + 0.5 + 0.25 GPUs; 2 + 1 + 1 CPUs
+    assert plan.total() == {"CPU": 4.0, "GPU": 2.75}
+    nodes = [
+        NodeInfo("head", "10.0.0.1", {"CPU": 8.0}),
+        NodeInfo("gpu-a", "10.0.0.2", {"CPU": 4.0, "GPU": 2.0}),
+        NodeInfo("gpu-b", "10.0.0.3", {"CPU": 4.0, "GPU": 1.0}),
+    ]
+    placed = check_fit(plan, nodes)
+    where = {(name, i): node for name, i, node in placed}
+    assert {where[("RolloutWorker", 0)], where[("RolloutWorker", 1)]} <= {"gpu-a", "gpu-b"}
+    text = format_plan(cfg, plan, nodes, "test cluster", "/tmp/ckpt")
+    assert "fits: yes" in text and "RolloutWorker" in text and "FailureConfig(max_failures=2)" in text
+
+
+def test_plan_asking_for_more_gpus_than_the_cluster_has_names_the_fields():
+    cfg = _cfg("resources.num_rollout_workers=2", "resources.rollout_gpus=1")
+    with pytest.raises(PlanError) as exc:
+        check_fit(build_plan(cfg), [NodeInfo("local", "127.0.0.1", {"CPU": 4.0, "GPU": 0.0})])
+    msg = str(exc.value)
+    assert "2 GPU" in msg and "resources.rollout_gpus=1 x resources.num_rollout_workers=2" in msg
+    assert "the cluster has 0 GPU" in msg
+
+
+def test_plan_fails_when_no_single_node_holds_an_actor():
+    cfg = _cfg("resources.rollout_gpus=2")
+    nodes = [NodeInfo("a", "1", {"CPU": 4.0, "GPU": 1.0}), NodeInfo("b", "2", {"CPU": 4.0, "GPU": 1.0})]
+    with pytest.raises(PlanError, match=r"RolloutWorker #0 needs CPU 1, GPU 2 on one node"):
+        check_fit(build_plan(cfg), nodes)
+
+
+def test_layout_checks_name_fields():
+    with pytest.raises(
+        PlanError, match=r"run.num_samples=4095 must be divisible by resources.num_learner_workers=2"
+    ):
+        validate_layout(_cfg("run.num_samples=4095", "resources.num_learner_workers=2"))
+    with pytest.raises(PlanError, match=r"algorithm.micro_batch_size=3 must be divisible"):
+        validate_layout(_cfg("algorithm.micro_batch_size=3", "resources.num_learner_workers=2"))
+    with pytest.raises(PlanError, match="backend='nccl' needs GPUs"):
+        validate_layout(_cfg("resources.backend=nccl"))
+
+
+def test_custom_resources_reject_cpu_key():
+    with pytest.raises(Exception, match="has its own field"):
+        _cfg("resources.rollout_resources={CPU: 1}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeding and prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def test_prompts_match_the_single_process_trainer(tmp_path):
+    cfg = _cfg("run.num_samples=6", preset="tiny")
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = cfg
+    for epoch in (0, 1, 7, -1):
+        assert epoch_prompts(cfg, epoch) == Trainer.prompts(trainer, epoch)
+
+
+def test_chunk_seeds_are_distinct_and_stable():
+    seeds = {chunk_seed(0, e, c) for e in range(-3, 50) for c in range(8)}
+    assert len(seeds) == 53 * 8
+    assert chunk_seed(5, 2, 1) == chunk_seed(5, 2, 1) and chunk_seed(5, 2, 1) != chunk_seed(6, 2, 1)
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume state without pickle
+# --------------------------------------------------------------------------------------------------
+
+
+def test_learner_state_round_trips_exactly_through_safetensors_and_json(tmp_path):
+    cfg = _cfg(
+        "run.num_samples=64", "run.epochs=2", "algorithm.micro_batch_size=32", f"run.output_dir={tmp_path}"
+    )
+    trainer = Trainer(cfg)
+    trainer.fit()  # the optimisers now hold moments and step counts
+    state = trainer.learner.state_dict()
+    tensors, skeleton = flatten_state(state)
+    json.dumps(skeleton)  # JSON-able
+    back = unflatten_state(tensors, json.loads(json.dumps(skeleton)))
+    opt, opt_back = state["optimizer"], back["optimizer"]
+    assert set(opt_back["state"]) == set(opt["state"])  # int keys survive
+    assert opt_back["param_groups"][0]["betas"] == opt["param_groups"][0]["betas"]  # tuples too
+    for k, s in opt["state"].items():
+        for name, v in s.items():
+            assert torch.equal(opt_back["state"][k][name], v)
+    assert torch.equal(back["generator"], state["generator"])
+    fresh = Trainer(cfg)
+    fresh.learner.load_state_dict(back)
+    assert torch.equal(fresh.learner.generator.get_state(), trainer.learner.generator.get_state())
+
+
+def test_config_differences_allow_epochs_and_resources_only():
+    a = _cfg().model_dump()
+    b = _cfg("run.epochs=99", "resources.num_rollout_workers=3", "run.output_dir=/x").model_dump()
+    assert config_differences(a, b) == []
+    c = _cfg("algorithm.learning_rate=0.5").model_dump()
+    assert config_differences(a, c) == ["algorithm.learning_rate: 0.001 -> 0.5"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic checkpoints: kill -9 while saving
+# --------------------------------------------------------------------------------------------------
+
+SAVER = textwrap.dedent(
+    """
+    import sys, torch
+    from scoreaction.config import build_config
+    from scoreaction.trainer import build_policy, build_value_function
+    from scoreaction.learner import Learner
+    from scoreaction.distributed.resume import latest_step, publish_latest, write_training_checkpoint
+    cfg = build_config("toy-gmm", overrides=["model.toy.hidden=256"])
+    policy = build_policy(cfg)
+    learner = Learner(policy, build_value_function(cfg, policy), cfg)
+    step = max(latest_step(sys.argv[1]), 0)  # continue after what 'latest' names
+    print("ready", flush=True)
+    while True:
+        step += 1
+        with torch.no_grad():
+            for p in policy.trainable_parameters():
+                p.fill_(float(step))
+        state = learner.state_dict()
+        state["ranks"] = [{"tracker": state.pop("tracker"), "generator": state.pop("generator")}]
+        path = write_training_checkpoint(sys.argv[1], step, policy, state, {"epoch": step, "history": []})
+        publish_latest(sys.argv[1], path)
+    """
+)
+
+
+def test_kill_9_during_saves_never_leaves_a_broken_latest(tmp_path):
+    from scoreaction.checkpoint import load_checkpoint
+    from scoreaction.trainer import build_policy
+
+    ckpt = tmp_path / "checkpoints"
+    cfg = _cfg("model.toy.hidden=256")
+    policy = build_policy(cfg)
+    last = 0
+    for delay in (0.31, 0.47, 0.73):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(ckpt)], stdout=subprocess.PIPE, cwd=ROOT)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)  # the loop spends nearly all its time inside a save
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        latest = latest_step_dir(ckpt)
+        assert latest is not None
+        _, progress = read_training_checkpoint(latest)
+        load_checkpoint(policy, latest)  # loads: complete weights and metadata
+        step = progress["epoch"]
+        assert all(torch.all(p == float(step)) for p in policy.trainable_parameters())
+        assert step > last
+        last = step
+        # a restarted run may never rewrite what 'latest' names
+        with pytest.raises(ResumeError, match="refusing to write"):
+            write_training_checkpoint(ckpt, step, policy, {}, {"epoch": step})
+    leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
+    # staging folders of killed saves may remain (hidden, never named by latest)
+    assert all(".staging-" in n or ".tmp-" in n for n in leftovers)
+
+
+def test_publish_latest_moves_only_to_complete_folders(tmp_path):
+    cfg = _cfg()
+    from scoreaction.learner import Learner
+    from scoreaction.trainer import build_policy, build_value_function
+
+    policy = build_policy(cfg)
+    learner = Learner(policy, build_value_function(cfg, policy), cfg)
+    state = learner.state_dict()
+    state["ranks"] = [{"tracker": state.pop("tracker"), "generator": state.pop("generator")}]
+    p1 = write_training_checkpoint(tmp_path, 1, policy, state, {"epoch": 1, "history": []})
+    assert latest_step_dir(tmp_path) is None  # written, not yet published
+    publish_latest(tmp_path, p1)
+    assert latest_step_dir(tmp_path) == p1
+    (p1 / "progress.json").unlink()
+    assert latest_step_dir(tmp_path) is None
