@@ -1,0 +1,75 @@
+"""Settings of the image service: deploy-time arguments and the hot-reloadable ``user_config``.
+
+``ServeSettings`` is the ``user_config`` of both deployments (serve/config.yaml shares one block between them
+with a YAML anchor). A ``serve deploy`` (or any config update through the Serve controller) that changes it
+reaches ``reconfigure`` on the running replicas without a restart. ``ModelArgs`` are the application
+builder's ``args``; changing them redeploys the model replicas.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from scoreaction.catalog import validate_model_id
+from scoreaction.config import ModelConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+API_KEY_ENV = "SCOREACTION_API_KEY"
+
+
+class ServeSettings(BaseModel):
+    """Hot-reloadable settings (``user_config``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint_root: str = Field(
+        "outputs",
+        description="Folder of fine-tuning runs (each with checkpoints/), or one run folder. Relative paths "
+        "are taken from the project root (the folder holding serve/).",
+    )
+    default_model: str = Field("base", description="Model used when a request names none.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="A generation not done after this long answers 504."
+    )
+    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After of 503 answers (overload).")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Requests batched into one model call.")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, le=10, description="How long a batch waits to fill before it runs."
+    )
+
+    @field_validator("default_model")
+    @classmethod
+    def _model_id(cls, v: str) -> str:
+        validate_model_id(v)
+        return v
+
+    def root(self) -> Path:
+        p = Path(os.path.expanduser(self.checkpoint_root))
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+class ModelArgs(BaseModel):
+    """Deploy-time arguments of the model deployment (the builder's ``args``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The base model (preset, name_or_path, device, dtype); checkpoints load on top of it.",
+    )
+    max_loaded_models: int = Field(
+        3, ge=1, le=64, description="LRU size: models (base or checkpoints) held per replica."
+    )
+    chunk: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Samples per network call: batches run in chunks of exactly this many (padded), so an "
+        "image's bytes never depend on its batch. Changing it changes the bits of every image.",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch.set_num_threads in each model replica (None: Ray's default)."
+    )

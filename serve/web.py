@@ -1,0 +1,223 @@
+"""HTTP plumbing of the ingress, free of Ray: JSON errors, the auth / body-size guard, content negotiation.
+
+Every error answer has one shape, the one OpenAI clients parse:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "num_inference_steps",
+               "code": "validation_error", "errors": [{"field", "value", "message"}]}}
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scoreaction.serve_api import MAX_BODY_BYTES, jsonable
+from serve.settings import API_KEY_ENV
+
+PUBLIC_PATHS = ("/healthz",)
+ROUTES = ("/healthz", "/v1/models", "/v1/generate", "/v1/images/generations", "/docs", "/openapi.json")
+_TYPES = {
+    401: "authentication_error",
+    404: "not_found_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "message": message,
+        "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        "param": param,
+        "code": code,
+    }
+    if errors:
+        body["errors"] = errors
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _field(loc: tuple | list) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) if parts else "body"
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field with its value and what is allowed; malformed JSON is a 400."""
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        e = next(e for e in errs if e.get("type") == "json_invalid")
+        detail = (e.get("ctx") or {}).get("error", "")
+        pos = e["loc"][-1] if e.get("loc") else "?"
+        return error_response(
+            400, f"the request body is not valid JSON ({detail} at position {pos})", code="json_invalid"
+        )
+    items = []
+    for e in errs:
+        field = _field(e.get("loc", ()))
+        value = jsonable(e.get("input"))
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "missing":
+            value = None
+        items.append({"field": field, "value": value, "message": msg})
+    first = items[0] if items else {"field": "body", "value": None, "message": "invalid"}
+    text = "; ".join(f"{i['field']}={json.dumps(i['value'])}: {i['message']}" for i in items)
+    return error_response(422, text, param=first["field"], code="validation_error", errors=items)
+
+
+async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; routes: {', '.join(ROUTES)}"
+    if exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
+def prefers_png(accept: str | None) -> bool:
+    """True when the Accept header ranks image/png above application/json (q-values honoured)."""
+    if not accept:
+        return False
+    q: dict[str, float] = {}
+    for part in accept.split(","):
+        media, *params = (x.strip() for x in part.split(";"))
+        weight = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    weight = float(p[2:])
+                except ValueError:
+                    weight = 0.0
+        q[media.lower()] = max(weight, q.get(media.lower(), 0.0))
+    png = max(q.get("image/png", 0.0), q.get("image/*", 0.0) * 0.999)
+    json_q = max(q.get("application/json", 0.0), q.get("application/*", 0.0), q.get("*/*", 0.0))
+    return png > 0 and png > json_q
+
+
+Observer = Callable[[str, str, int, float], None]  # (route, method, status, seconds)
+
+
+class GuardMiddleware:
+    """Pure ASGI middleware, outermost: API key, then the 64 KiB body limit, then metrics of every answer.
+
+    The key is read from $SCOREACTION_API_KEY at each request (so a replica started with it set enforces it)
+    and compared in constant time. The body limit checks Content-Length first and also counts a streamed
+    (chunked) body, so a client cannot get past it by omitting the header.
+    """
+
+    def __init__(self, app, observe: Callable[[], Observer | None] = lambda: None) -> None:
+        self.app = app
+        self.observe = observe
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        status_holder = {"status": 500, "sent": False}
+
+        async def send_wrapped(message) -> None:
+            if message["type"] == "http.response.start":
+                if status_holder["sent"]:
+                    return
+                status_holder["status"] = message["status"]
+            elif status_holder["sent"] and status_holder.get("own_done"):
+                return
+            await send(message)
+
+        try:
+            rejection = self._check_headers(scope, path)
+            if rejection is not None:
+                await rejection(scope, receive, send_wrapped)
+                return
+            try:
+                await self.app(
+                    scope, self._limited(receive, scope, send_wrapped, status_holder), send_wrapped
+                )
+            except Exception:
+                if not status_holder["sent"]:  # the 413 went out; the app only saw the cut-off body
+                    raise
+        finally:
+            obs = self.observe()
+            if obs is not None:
+                obs(route, scope.get("method", ""), status_holder["status"], time.perf_counter() - start)
+
+    def _check_headers(self, scope, path: str):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = os.environ.get(API_KEY_ENV, "")
+        if key and path not in PUBLIC_PATHS:
+            given = headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+            if not ok:
+                why = "missing" if not given else "wrong"
+                return error_response(
+                    401,
+                    f"Authorization header {why}: send 'Authorization: Bearer <key>' with the service's API key",
+                    param="Authorization",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return error_response(
+                    400, f"Content-Length={length!r} is not an integer", param="Content-Length"
+                )
+            if n > MAX_BODY_BYTES:
+                return _too_large(n)
+        return None
+
+    def _limited(self, receive, scope, send, holder):
+        seen = 0
+
+        async def receive_limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY_BYTES:
+                    await _too_large(seen, streamed=True)(scope, receive, send)
+                    holder["sent"] = holder["own_done"] = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        return receive_limited
+
+
+def _too_large(n: int, streamed: bool = False) -> JSONResponse:
+    size = f"more than {n} bytes" if streamed else f"{n} bytes"
+    return error_response(
+        413,
+        f"request body is {size}; the limit is {MAX_BODY_BYTES} bytes (64 KiB)",
+        param="body",
+        code="body_too_large",
+    )
+
+
+def exception_status(exc: BaseException) -> int | None:
+    """The HTTP status an exception (or the error it wraps, across a Ray call) carries, if any."""
+    for e in (exc, getattr(exc, "cause", None), exc.__cause__):
+        code = getattr(type(e), "status_code", None) if e is not None else None
+        if isinstance(code, int):
+            return code
+    return None
