@@ -38,6 +38,7 @@ class AestheticMLP(nn.Module):
 
     def __init__(self, widths: tuple[int, ...]) -> None:
         super().__init__()
+        self.widths = tuple(widths)
         if len(widths) != 5:
             raise ValueError(f"widths must be 5 numbers (input and four hidden widths), got {widths}")
         mods: list[nn.Module] = []
