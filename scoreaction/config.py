@@ -82,13 +82,18 @@ class PolicyConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    stepper: Literal["ddim", "euler_maruyama"] = Field(
+    stepper: Literal["ddim", "euler_maruyama", "heun"] = Field(
         "ddim",
-        description="Transition kernel: ddim (DDIM-eta; eta=1 is DDPM) or euler_maruyama on the reverse SDE.",
+        description="Transition kernel: ddim (DDIM-eta; eta=1 is DDPM), euler_maruyama on the reverse SDE, "
+        "or heun (deterministic second-order probability-flow ODE; needs eta=0).",
     )
     num_steps: int = Field(50, ge=1, le=1000, description="Number of denoising steps N.")
     eta: float = Field(
-        1.0, gt=0.0, le=1.0, description="Reverse-process family member, in (0, 1]; 1 = reverse SDE."
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Reverse-process family member in [0, 1]: 1 = reverse SDE, 0 = deterministic ODE "
+        "(no transition log-probs: only the value_gradient estimator trains on it).",
     )
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance weight w.")
     negative_prompt: str = Field("", description="Prompt of the unconditional branch of guidance.")
@@ -189,6 +194,22 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        deterministic = self.sampler.eta == 0 or self.sampler.stepper == "heun"
+        if self.sampler.stepper == "heun" and self.sampler.eta != 0:
+            raise ValueError(
+                f"sampler.eta={self.sampler.eta!r}: sampler.stepper='heun' is a deterministic ODE stepper; "
+                "set sampler.eta=0"
+            )
+        ratio = self.algorithm.name == "ddpo" or self.algorithm.estimator == "ratio"
+        if deterministic and ratio:
+            field = (
+                "algorithm.name='ddpo'" if self.algorithm.name == "ddpo" else "algorithm.estimator='ratio'"
+            )
+            raise ValueError(
+                f"{field} needs transition log-probs, which the deterministic sampler "
+                f"(sampler.stepper={self.sampler.stepper!r}, sampler.eta={self.sampler.eta!r}) does not have; "
+                "use sampler.eta in (0, 1] with ddim/euler_maruyama, or algorithm.estimator='value_gradient'"
+            )
         toy = self.model.preset == "toy-gmm"
         if toy and self.reward.name != "linear":
             raise ValueError(

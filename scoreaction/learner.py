@@ -233,27 +233,30 @@ class Learner:
         return eps_to_score(eps, alpha_bar(self.policy.schedule, torch.as_tensor(t)).to(dev))
 
     def _update_value_gradient(self, batch: Batch) -> dict[str, float]:
-        """Continuous-time estimator: grad J = E sum_k h_k (d s_theta / d theta)^T
-        [c1 grad_x V(t_k, x_k) - kl_coef c2 (s_theta - s_ref)],  c1 = (1 + eta^2)/2 g^2,
-        c2 = (1 + eta^2)^2 / (4 eta^2) g^2  (for eta = 1 both are g^2, ALGORITHM.md section 5)."""
-        alg, traj = self.cfg.algorithm, batch.traj
-        eta = traj.eta
+        """Continuous-time estimator (ALGORITHM.md section 5); see ``value_gradient_surrogate``."""
+        return self._optimise(batch.traj, self.value_gradient_surrogate, {})
 
-        def step_loss(sub: Trajectory, idx: Tensor, k: int, num_trained: int) -> Tensor:
-            t, s = sub.timesteps[k], sub.timesteps[k + 1]
-            g2 = float(self.policy.schedule.beta(torch.as_tensor(t)))
-            h = float(t - s)
-            c1 = 0.5 * (1 + eta**2) * g2
-            c2 = (1 + eta**2) ** 2 / (4 * eta**2) * g2
-            grad_v = self._grad_x_value(sub, k)
-            x = sub.latents[:, k].to(self.policy.device)
-            s_theta = self._score(x, t, sub)
-            with torch.no_grad(), self.policy.reference():
-                s_ref = self._score(x, t, sub)
-            direction = c1 * grad_v - alg.kl_coef * c2 * (s_theta.detach() - s_ref)
-            return -(h * (s_theta * direction).flatten(1).sum(1)).mean()
+    def value_gradient_surrogate(self, sub: Trajectory, idx: Tensor, k: int, num_trained: int) -> Tensor:
+        """A scalar whose gradient in theta is minus step k's share of
 
-        return self._optimise(traj, step_loss, {})
+            grad J = E sum_k h_k (d s_theta / d theta)^T [c1 grad_x V(t_k, x_k) - kl_coef c2 (s_theta - s_ref)],
+            c1 = (1 + eta^2)/2 g^2,  c2 = (1 + eta^2)^2 / (4 eta^2) g^2   (both g^2 for eta = 1),
+        scaled by N / num_trained when only num_trained of the N steps are trained. Needs no log-probs.
+        Deterministic rollouts (eta = 0, heun) only supply states; the policy being optimised is still the
+        reverse SDE (eta = 1), whose KL is the regulariser."""
+        eta = sub.eta if sub.eta > 0 else 1.0
+        t, s = sub.timesteps[k], sub.timesteps[k + 1]
+        g2 = float(self.policy.schedule.beta(torch.as_tensor(t)))
+        c1 = 0.5 * (1 + eta**2) * g2
+        c2 = (1 + eta**2) ** 2 / (4 * eta**2) * g2
+        grad_v = self._grad_x_value(sub, k)
+        x = sub.latents[:, k].to(self.policy.device)
+        s_theta = self._score(x, t, sub)
+        with torch.no_grad(), self.policy.reference():
+            s_ref = self._score(x, t, sub)
+        direction = c1 * grad_v - self.cfg.algorithm.kl_coef * c2 * (s_theta.detach() - s_ref)
+        weight = float(t - s) * sub.num_steps / num_trained
+        return -(weight * (s_theta * direction).flatten(1).sum(1)).mean()
 
     def _grad_x_value(self, sub: Trajectory, k: int) -> Tensor:
         """grad_x V(t_k, x) at the stored states (B, ...), float32, detached."""

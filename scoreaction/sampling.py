@@ -16,7 +16,16 @@ from torch import Tensor
 from scoreaction.config import SamplerConfig
 from scoreaction.models.toy_gmm import ToyPolicy
 from scoreaction.policy import DiffusionPolicy
-from scoreaction.sde import StepOutput, sample_or_score, step_kl, step_mean_std
+from scoreaction.sde import (
+    StepOutput,
+    alpha_bar,
+    eps_to_score,
+    heun_step,
+    ode_step_kl,
+    sample_or_score,
+    step_kl,
+    step_mean_std,
+)
 
 Policy = DiffusionPolicy | ToyPolicy
 
@@ -109,8 +118,17 @@ def _validate(sampler: SamplerConfig) -> None:
     # The pydantic model validates on construction; this guards callers that bypass it.
     if not isinstance(sampler.num_steps, int) or sampler.num_steps < 1:
         raise ValueError(f"sampler.num_steps={sampler.num_steps!r} must be an integer >= 1")
-    if not 0.0 < sampler.eta <= 1.0:
-        raise ValueError(f"sampler.eta={sampler.eta!r} is outside (0, 1]: a stochastic stepper needs eta > 0")
+    if not 0.0 <= sampler.eta <= 1.0:
+        raise ValueError(f"sampler.eta={sampler.eta!r} is outside [0, 1]")
+    if sampler.stepper == "heun" and sampler.eta != 0:
+        raise ValueError(
+            f"sampler.eta={sampler.eta!r}: the heun stepper is deterministic (probability-flow ODE); set eta=0"
+        )
+
+
+def is_deterministic(stepper: str, eta: float) -> bool:
+    """Deterministic rollouts (eta = 0, or the heun ODE stepper) have no transition log-probs."""
+    return eta == 0 or stepper == "heun"
 
 
 def _guided(sampler: SamplerConfig) -> bool:
@@ -135,6 +153,8 @@ def sample_trajectories(
     record_reference: also evaluate the reference policy at every state and store in ``extras``:
         eps (B, N, ...) the guided policy epsilon, mean_ref (B, N, ...) the reference transition mean,
         kl (B, N) the exact per-step KL_k = ||mean_theta - mean_ref||^2 / (2 sigma_k^2).
+    Deterministic samplers (eta = 0, heun) store NaN log-probs, no mean_ref, and as kl the continuous
+    path-KL rate of the reverse SDE times the step (``sde.ode_step_kl``).
     """
     _validate(sampler)
     if not prompts:
@@ -151,25 +171,51 @@ def sample_trajectories(
     all_latents = torch.empty((b, sampler.num_steps + 1, *x.shape[1:]), device=dev, dtype=torch.float32)
     all_latents[:, 0] = x
     log_probs = torch.empty((b, sampler.num_steps), device=dev, dtype=torch.float32)
+    deterministic = is_deterministic(sampler.stepper, sampler.eta)
     extras: dict[str, Tensor] = {}
     if record_reference:
         extras = {
             "eps": torch.empty_like(all_latents[:, 1:]),
-            "mean_ref": torch.empty_like(all_latents[:, 1:]),
             "kl": torch.empty((b, sampler.num_steps), device=dev, dtype=torch.float32),
         }
+        if not deterministic:
+            extras["mean_ref"] = torch.empty_like(all_latents[:, 1:])
+
+    def score(x_: Tensor, t_: Tensor) -> Tensor:
+        eps_ = policy.predict_eps(x_, t_, prompt_embeds, negative, sampler.guidance_scale)
+        return eps_to_score(eps_.float(), alpha_bar(policy.schedule, torch.as_tensor(t_)).to(dev))
+
     for k in range(sampler.num_steps):
         t, s = t_grid[k], t_grid[k + 1]
         eps = policy.predict_eps(x, t, prompt_embeds, negative, sampler.guidance_scale)
-        mean, std = step_mean_std(sampler.stepper, policy.schedule, eps, x, t, s, sampler.eta)
+        if sampler.stepper == "heun":
+            ab_t = alpha_bar(policy.schedule, torch.as_tensor(t)).to(dev)
+            out = StepOutput(
+                x_next=heun_step(policy.schedule, eps_to_score(eps.float(), ab_t), score, x, t, s),
+                mean=x,
+                std=torch.zeros(b, device=dev),
+                log_prob=torch.full((b,), float("nan"), device=dev),
+            )
+        else:
+            mean, std = step_mean_std(sampler.stepper, policy.schedule, eps, x, t, s, sampler.eta)
+            out = sample_or_score(mean, std, generator=generator)
         if record_reference:
             with policy.reference():
                 eps_ref = policy.predict_eps(x, t, prompt_embeds, negative, sampler.guidance_scale)
-            mean_ref, _ = step_mean_std(sampler.stepper, policy.schedule, eps_ref, x, t, s, sampler.eta)
             extras["eps"][:, k] = eps
-            extras["mean_ref"][:, k] = mean_ref
-            extras["kl"][:, k] = step_kl(mean, mean_ref, std)
-        out = sample_or_score(mean, std, generator=generator)
+            if deterministic:
+                ab_t = alpha_bar(policy.schedule, torch.as_tensor(t)).to(dev)
+                extras["kl"][:, k] = ode_step_kl(
+                    policy.schedule,
+                    t,
+                    s,
+                    eps_to_score(eps.float(), ab_t),
+                    eps_to_score(eps_ref.float(), ab_t),
+                )
+            else:
+                mean_ref, _ = step_mean_std(sampler.stepper, policy.schedule, eps_ref, x, t, s, sampler.eta)
+                extras["mean_ref"][:, k] = mean_ref
+                extras["kl"][:, k] = step_kl(out.mean, mean_ref, out.std)
         x = out.x_next
         all_latents[:, k + 1] = x
         log_probs[:, k] = out.log_prob
@@ -196,6 +242,11 @@ def transition(policy: Policy, traj: Trajectory, k: int) -> StepOutput:
     """
     if not 0 <= k < traj.num_steps:
         raise IndexError(f"step index k={k} is outside [0, {traj.num_steps})")
+    if is_deterministic(traj.stepper, traj.eta):
+        raise ValueError(
+            f"trajectories sampled with stepper={traj.stepper!r}, eta={traj.eta} are deterministic: a step has "
+            "no transition density, so there is no log-prob to re-evaluate (use the value_gradient estimator)"
+        )
     dev = policy.device
     x_t = traj.latents[:, k].to(dev).contiguous()
     neg = traj.negative_prompt_embeds.to(dev) if traj.negative_prompt_embeds is not None else None

@@ -16,6 +16,7 @@ dtype. This module is pure tensor code: no Ray, no I/O, no globals.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -23,8 +24,8 @@ import torch
 from torch import Tensor
 
 PredictionType = Literal["epsilon", "v_prediction"]
-StepperName = Literal["ddim", "euler_maruyama"]
-STEPPERS: tuple[str, ...] = ("ddim", "euler_maruyama")
+StepperName = Literal["ddim", "euler_maruyama", "heun"]
+STEPPERS: tuple[str, ...] = ("ddim", "euler_maruyama", "heun")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,9 +201,11 @@ class StepOutput:
     log_prob: Tensor
 
 
-def _check_eta(eta: float) -> None:
-    if not (isinstance(eta, int | float) and math.isfinite(eta) and 0.0 < eta <= 1.0):
-        raise ValueError(f"sampler.eta={eta!r} is outside (0, 1]: a stochastic stepper needs eta > 0")
+def _check_eta(eta: float, allow_zero: bool = False) -> None:
+    lo_ok = eta >= 0.0 if allow_zero else eta > 0.0
+    if not (isinstance(eta, int | float) and math.isfinite(eta) and lo_ok and eta <= 1.0):
+        allowed = "[0, 1]" if allow_zero else "(0, 1]: a stochastic stepper needs eta > 0"
+        raise ValueError(f"sampler.eta={eta!r} is outside {allowed}")
 
 
 def ddim_mean_std(
@@ -250,7 +253,14 @@ def euler_maruyama_mean_std(
 def sample_or_score(
     mean: Tensor, std: Tensor, x_next: Tensor | None = None, generator: torch.Generator | None = None
 ) -> StepOutput:
-    """Draw x_next ~ N(mean, std^2 I) (or take the given one) and return it with its exact log-prob."""
+    """Draw x_next ~ N(mean, std^2 I) (or take the given one) and return it with its exact log-prob.
+
+    std = 0 (a deterministic step, eta = 0): x_next = mean and the log-prob is NaN (there is no density)."""
+    if bool((torch.as_tensor(std) == 0).all()):
+        if x_next is None:
+            x_next = mean
+        nan = torch.full((mean.shape[0],), float("nan"), device=mean.device)
+        return StepOutput(x_next=x_next.float(), mean=mean, std=std, log_prob=nan)
     if x_next is None:
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
         x_next = mean + _bcast(std, mean) * noise
@@ -267,14 +277,55 @@ def step_mean_std(
     s: Tensor,
     eta: float,
 ) -> tuple[Tensor, Tensor]:
-    """Mean and std of the transition t -> s for either stepper, given the (guided) epsilon."""
-    _check_eta(eta)
+    """Mean and std of the transition t -> s of a one-evaluation stepper, given the (guided) epsilon.
+
+    eta = 0 gives the deterministic member (std 0): DDIM's ODE step, or Euler on the probability-flow ODE.
+    The two-evaluation ``heun`` stepper is driven by the sampler (see ``heun_step``)."""
+    _check_eta(eta, allow_zero=True)
     if stepper == "ddim":
         return ddim_mean_std(schedule, eps, x_t, t, s, eta)
     if stepper == "euler_maruyama":
         ab_t = alpha_bar(schedule, torch.as_tensor(t)).to(x_t.device)
         return euler_maruyama_mean_std(schedule, eps_to_score(eps.float(), ab_t), x_t, t, s, eta)
+    if stepper == "heun":
+        raise ValueError("sampler.stepper='heun' takes two evaluations per step: use heun_step")
     raise ValueError(f"sampler.stepper={stepper!r} is unknown; allowed: {', '.join(STEPPERS)}")
+
+
+def pf_ode_velocity(schedule: VPSchedule, score: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """dx / d(-t) of the probability-flow ODE (eta = 0): 1/2 beta(t) x + 1/2 beta(t) s(t, x), float32."""
+    b = x.shape[0]
+    beta = _per_sample(schedule.beta(torch.as_tensor(t, dtype=torch.float64)), b, x.device)
+    return _bcast(0.5 * beta, x) * (x.float() + score.float())
+
+
+def heun_step(
+    schedule: VPSchedule,
+    score_t: Tensor,
+    score_fn: Callable[[Tensor, Tensor], Tensor],
+    x_t: Tensor,
+    t: Tensor,
+    s: Tensor,
+) -> Tensor:
+    """One second-order (Heun / improved Euler) step t -> s of the probability-flow ODE, deterministic:
+
+        v1 = f(t, x_t),  x_e = x_t + h v1,  v2 = f(s, x_e),  x_s = x_t + h (v1 + v2) / 2,   h = t - s
+    score_t: the (guided) score at (t, x_t); score_fn(x, t) -> the score at (t, x) (the second
+    evaluation). Returns x_s (B, ...) float32.
+    """
+    h = float(torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(s, dtype=torch.float64))
+    v1 = pf_ode_velocity(schedule, score_t, x_t, t)
+    x_e = x_t.float() + h * v1
+    v2 = pf_ode_velocity(schedule, score_fn(x_e, s), x_e, s)
+    return x_t.float() + 0.5 * h * (v1 + v2)
+
+
+def ode_step_kl(schedule: VPSchedule, t: Tensor, s: Tensor, score_theta: Tensor, score_ref: Tensor) -> Tensor:
+    """KL of step t -> s for deterministic rollouts, (B,) float32: the continuous path-KL rate of the
+    reverse SDE (eta = 1, the process the policy defines) times the step, 1/2 g(t)^2 ||s_theta - s_ref||^2 h.
+    A deterministic step has no transition density, so the exact Gaussian KL_k does not exist."""
+    h = float(torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(s, dtype=torch.float64))
+    return path_kl_rate(schedule, t, score_theta, score_ref, 1.0) * h
 
 
 def step(
@@ -288,7 +339,7 @@ def step(
     x_next: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> StepOutput:
-    """One stochastic step t -> s: the next state (sampled, or the given x_next), mean, std, log-prob."""
+    """One step t -> s: the next state (sampled, or the given x_next), mean, std, log-prob (NaN if eta = 0)."""
     mean, std = step_mean_std(stepper, schedule, eps, x_t, t, s, eta)
     return sample_or_score(mean, std, x_next=x_next, generator=generator)
 

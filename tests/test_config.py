@@ -41,9 +41,13 @@ def test_unknown_preset_lists_presets():
     "item, pattern",
     [
         ("sampler.num_steps=0", r"sampler.num_steps=0: Input should be greater than or equal to 1"),
-        ("sampler.eta=0", r"sampler.eta=0: Input should be greater than 0"),
+        ("sampler.eta=-0.5", r"sampler.eta=-0.5: Input should be greater than or equal to 0"),
         ("sampler.eta=1.5", r"sampler.eta=1.5: Input should be less than or equal to 1"),
-        ("sampler.stepper=heun", r"sampler.stepper='heun': Input should be 'ddim' or 'euler_maruyama'"),
+        ("sampler.stepper=dpm", r"sampler.stepper='dpm': Input should be 'ddim', 'euler_maruyama' or 'heun'"),
+        ("algorithm.name=grpo", r"algorithm.name='grpo': Input should be 'ctrl' or 'ddpo'"),
+        ("algorithm.estimator=reinforce", r"algorithm.estimator='reinforce': Input should be 'ratio' or"),
+        ("algorithm.kl_coef=-0.1", r"algorithm.kl_coef=-0.1: Input should be greater than or equal to 0"),
+        ("sampler.eta=0", r"algorithm.estimator='ratio' needs transition log-probs, .*sampler.eta=0"),
         ("sampler.height=100", r"sampler.height=100: Input should be a multiple of 8"),
         ("sampler.bogus=1", r"sampler.bogus=1: Extra inputs are not permitted"),
     ],
@@ -51,6 +55,25 @@ def test_unknown_preset_lists_presets():
 def test_bad_values_name_field_and_value(item, pattern):
     with pytest.raises(ConfigError, match=pattern):
         build_config("tiny", overrides=[item])
+
+
+@pytest.mark.parametrize(
+    "items, pattern",
+    [
+        (["algorithm.name=ddpo", "sampler.eta=0"], r"algorithm.name='ddpo' needs transition log-probs"),
+        (["sampler.stepper=heun"], r"sampler.eta=1.0: sampler.stepper='heun' is a deterministic ODE stepper"),
+        (
+            ["sampler.stepper=heun", "sampler.eta=0"],
+            r"algorithm.estimator='ratio' needs .*sampler.stepper='heun'",
+        ),
+    ],
+)
+def test_deterministic_sampler_needs_the_value_gradient_estimator(items, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config("tiny", overrides=items)
+    for ok in (["sampler.eta=0"], ["sampler.stepper=heun", "sampler.eta=0"]):
+        cfg = build_config("tiny", overrides=[*ok, "algorithm.estimator=value_gradient"])
+        assert cfg.sampler.eta == 0
 
 
 def test_malformed_set_and_missing_file(tmp_path):

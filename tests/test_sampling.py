@@ -125,8 +125,11 @@ def test_bad_sampler_input(tiny_policy):
     bad = SamplerConfig.model_construct(**{**SamplerConfig().model_dump(), "num_steps": 0})
     with pytest.raises(ValueError, match=r"sampler.num_steps=0 must be an integer >= 1"):
         sample_trajectories(tiny_policy, ["a"], bad)
-    bad = SamplerConfig.model_construct(**{**SamplerConfig().model_dump(), "eta": 0.0})
-    with pytest.raises(ValueError, match=r"sampler.eta=0.0 is outside \(0, 1\]"):
+    bad = SamplerConfig.model_construct(**{**SamplerConfig().model_dump(), "eta": -1.0})
+    with pytest.raises(ValueError, match=r"sampler.eta=-1.0 is outside \[0, 1\]"):
+        sample_trajectories(tiny_policy, ["a"], bad)
+    bad = SamplerConfig.model_construct(**{**SamplerConfig().model_dump(), "stepper": "heun", "eta": 1.0})
+    with pytest.raises(ValueError, match="the heun stepper is deterministic"):
         sample_trajectories(tiny_policy, ["a"], bad)
     with pytest.raises(ValueError, match="prompts is empty"):
         sample_trajectories(tiny_policy, [], SamplerConfig())

@@ -17,6 +17,7 @@ from scoreaction.sde import (
     eps_to_score,
     euler_maruyama_mean_std,
     gaussian_log_prob,
+    heun_step,
     model_output_to_eps,
     path_kl_rate,
     score_to_eps,
@@ -114,17 +115,65 @@ def test_gaussian_log_prob_hand_computed():
     assert float(lp) == pytest.approx(-(5 / 8) - 2 * math.log(2) - math.log(2 * math.pi), rel=1e-6)
 
 
-@pytest.mark.parametrize("eta", [0.0, -0.1, 1.5, float("nan")])
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan")])
 def test_eta_outside_range_is_rejected(sd_schedule, eta):
     x = torch.zeros(1, 4, 2, 2)
-    with pytest.raises(ValueError, match=r"sampler\.eta=.*outside \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"sampler\.eta=.*outside \[0, 1\]"):
         step_mean_std("ddim", sd_schedule, x, x, torch.tensor(0.5), torch.tensor(0.4), eta)
+    with pytest.raises(ValueError, match=r"sampler\.eta=.*outside \(0, 1\]"):
+        path_kl_rate(sd_schedule, torch.tensor(0.5), x, x, 0.0 if eta != eta else eta)
+
+
+def test_eta_zero_is_the_deterministic_ddim_and_ode_step(sd_schedule):
+    """eta = 0: std 0, x_next = mean, no density (NaN log-prob). DDIM's mean is the eta-0 DDIM update;
+    Euler's mean is x + 1/2 beta (x + s) h (probability-flow ODE)."""
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t, s = torch.tensor(0.5), torch.tensor(0.4)
+    out = step("ddim", sd_schedule, eps, x, t, s, eta=0.0, generator=g)
+    ab_t, ab_s = float(alpha_bar(sd_schedule, t)), float(alpha_bar(sd_schedule, s))
+    x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+    torch.testing.assert_close(
+        out.x_next, math.sqrt(ab_s) * x0 + math.sqrt(1 - ab_s) * eps, rtol=1e-5, atol=1e-5
+    )
+    assert torch.isnan(out.log_prob).all() and float(out.std.abs().max()) == 0.0
+    out = step("euler_maruyama", sd_schedule, eps, x, t, s, eta=0.0)
+    beta = float(sd_schedule.beta(t.double()))
+    score = -eps / math.sqrt(1 - ab_t)
+    torch.testing.assert_close(out.x_next, x + 0.5 * beta * (x + score) * 0.1, rtol=1e-5, atol=1e-5)
+
+
+def test_heun_is_second_order_on_the_gaussian_ode():
+    """p_0 = N(0, v): the noised score is -x / (ab v + 1 - ab), so the probability-flow ODE is linear with the
+    exact flow x_s = x_t sqrt((ab_s v + 1 - ab_s) / (ab_t v + 1 - ab_t)). Halving h cuts Heun's error ~4x."""
+    sched, v = LinearVPSchedule(0.1, 20.0), 0.25
+
+    def score_fn(x, t):
+        ab = float(alpha_bar(sched, torch.as_tensor(t)))
+        return -x / (ab * v + 1 - ab)
+
+    def solve(n):
+        grid = uniform_time_grid(n, 1.0, 0.05)
+        x = torch.ones(1, 1)
+        for k in range(n):
+            x = heun_step(sched, score_fn(x, grid[k]), score_fn, x, grid[k], grid[k + 1])
+        return float(x)
+
+    ab1, ab0 = float(alpha_bar(sched, torch.tensor(1.0))), float(alpha_bar(sched, torch.tensor(0.05)))
+    exact = math.sqrt((ab0 * v + 1 - ab0) / (ab1 * v + 1 - ab1))
+    e1, e2 = abs(solve(20) - exact), abs(solve(40) - exact)
+    print(f"\nheun error at 20 / 40 steps: {e1:.2e} / {e2:.2e} (ratio {e1 / e2:.2f})")
+    assert 3.0 < e1 / e2 < 5.0
 
 
 def test_unknown_stepper_and_bad_grid(sd_schedule):
     x = torch.zeros(1, 4, 2, 2)
-    with pytest.raises(ValueError, match="sampler.stepper='heun' is unknown; allowed: ddim, euler_maruyama"):
-        step_mean_std("heun", sd_schedule, x, x, torch.tensor(0.5), torch.tensor(0.4), 1.0)
+    with pytest.raises(
+        ValueError, match="sampler.stepper='dpm' is unknown; allowed: ddim, euler_maruyama, heun"
+    ):
+        step_mean_std("dpm", sd_schedule, x, x, torch.tensor(0.5), torch.tensor(0.4), 1.0)
+    with pytest.raises(ValueError, match="takes two evaluations per step: use heun_step"):
+        step_mean_std("heun", sd_schedule, x, x, torch.tensor(0.5), torch.tensor(0.4), 0.0)
     with pytest.raises(ValueError, match="sampler.num_steps=0 must be an integer >= 1"):
         uniform_time_grid(0)
 
