@@ -77,8 +77,8 @@ def build_named(name: str, cfg: RewardConfig | None = None) -> Reward:
         builder: Callable[[RewardConfig], Reward] = getattr(importlib.import_module(module), fn)
     except ImportError as exc:
         raise RewardError(
-            f"reward {name!r} needs the package {exc.name!r}, which is not installed: "
-            "pip install 'scoreaction[rewards]'"
+            f"reward {name!r} needs the package {exc.name!r}, which is not installed here: "
+            f"pip install {exc.name}"
         ) from exc
     reward = builder(cfg)
     logger.info("built reward %s", name)
