@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,14 +156,17 @@ class ImageGenerator:
             self._count += 1
             name = f"served_{self._count}"  # peft adapter names become module keys: no '.' or '@'
             unet = self.policy.unet
-            unet.add_adapter(
-                LoraConfig(
-                    r=rank,
-                    lora_alpha=lora.get("alpha") or policy_cfg.get("lora_alpha") or rank,
-                    target_modules=lora.get("target_modules") or list(self.policy.cfg.lora_target_modules),
-                ),
-                adapter_name=name,
-            )
+            with warnings.catch_warnings():  # "Already found a `peft_config`": many adapters, intended
+                warnings.simplefilter("ignore", UserWarning)
+                unet.add_adapter(
+                    LoraConfig(
+                        r=rank,
+                        lora_alpha=lora.get("alpha") or policy_cfg.get("lora_alpha") or rank,
+                        target_modules=lora.get("target_modules")
+                        or list(self.policy.cfg.lora_target_modules),
+                    ),
+                    adapter_name=name,
+                )
             try:
                 result = set_peft_model_state_dict(unet, state, adapter_name=name)
                 if getattr(result, "unexpected_keys", None):
@@ -179,7 +183,9 @@ class ImageGenerator:
     def unload(self, model: LoadedModel) -> None:
         with self._lock:
             if model.adapter is not None:
-                self.policy.unet.delete_adapters(model.adapter)
+                with warnings.catch_warnings():  # "adapter ... was active which is now deleted": intended
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.policy.unet.delete_adapters(model.adapter)
                 logger.info("unloaded adapter %s (%s)", model.adapter, model.key)
             model.unet = None
 

@@ -280,11 +280,13 @@ class Ingress:
             return error_response(503, f"model unavailable: {exc}", code="unavailable", headers=retry)
         except Exception as exc:
             status = exception_status(exc)
+            cause = getattr(exc, "cause", None) or exc
+            first_line = (str(cause).strip().splitlines() or [""])[0]
             if status is not None and status < 500:
-                cause = getattr(exc, "cause", None) or exc
-                return error_response(status, str(cause).split("\n")[0], code="invalid_request")
+                return error_response(status, first_line, code="invalid_request")
             logger.exception("generation failed")
-            return error_response(500, f"generation failed: {type(exc).__name__}", code="internal_error")
+            message = f"generation failed: {type(cause).__name__}: {first_line}"  # e.g. a broken checkpoint
+            return error_response(500, message, code="internal_error")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ def service(tmp_path_factory, tiny_dir):
     randomize_lora(policy, seed=1)
     save_run_checkpoint(policy, root / "demo", 1, metrics={"rollout/reward_mean": -3.5})
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port)
     port = free_port()  # after ray.init, which takes ports of its own
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port, "request_timeout_s": 300}
@@ -112,6 +113,7 @@ def service(tmp_path_factory, tiny_dir):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         svc = Service(config, root, port, policy)
+        svc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         svc.deploy()
         yield svc
     finally:
@@ -296,3 +298,24 @@ def test_user_config_change_reconfigures_without_restart(service):
         assert r.status_code == 504 and time.time() < deadline, r.text
         time.sleep(0.5)
     assert service.replicas() == before  # same replica actors: reconfigured, never restarted
+
+
+def test_prometheus_metrics(service):
+    """Requests by route and status, latency, images generated and batch sizes reach Ray's exporter."""
+    service.generate(seed=1)
+    wanted = [
+        ("ray_scoreaction_requests_total{", 'route="/v1/generate"', 'status="200"'),
+        ("ray_scoreaction_requests_total{", 'route="/v1/generate"', 'status="422"'),
+        ("ray_scoreaction_requests_total{", 'route="/v1/models"', 'status="401"'),
+        ("ray_scoreaction_request_latency_s_bucket{", 'route="/v1/generate"'),
+        ("ray_scoreaction_images_generated_total{", 'model="base"'),
+        ("ray_scoreaction_batch_size_bucket{", 'deployment="ImageModel"'),
+    ]
+    deadline = time.time() + 90  # metrics are exported every few seconds
+    while True:
+        lines = httpx.get(service.metrics_url, timeout=10).text.splitlines()
+        missing = [w for w in wanted if not any(all(part in line for part in w) for line in lines)]
+        if not missing:
+            break
+        assert time.time() < deadline, f"metrics never exported: {missing}"
+        time.sleep(2)

@@ -27,6 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve/ packa
 from serve.web import prefers_png  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine two OpenMP threads spend most of their time in barrier
+    waits (a 6-step sample took 117 s instead of 2 s under load). Both sides of every comparison here run in
+    this process, so the thread count does not change what is compared."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def png_array(data: bytes) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(data)))
 
