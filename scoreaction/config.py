@@ -61,6 +61,10 @@ class ModelConfig(_Section):
         description="Compute dtype of frozen weights and autocast: auto = bfloat16 on CUDA, float32 on CPU.",
     )
     seed: int = Field(0, description="Seed of the random weights of the tiny and sd15-random presets.")
+    tf32: bool = Field(True, description="Allow TF32 matmuls and convolutions on CUDA (Ampere and newer).")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the UNet with this mode (off: eager)."
+    )
     toy: ToyConfig = Field(
         default_factory=ToyConfig, description="The toy-gmm preset's mixture and schedule."
     )

@@ -103,9 +103,19 @@ class DiffusionPolicy(torch.nn.Module):
 
         device = resolve_device(model_cfg.device)
         dtype = resolve_dtype(model_cfg.dtype, device)
+        if torch.device(device).type == "cuda":
+            # process-wide switches: TF32 tensor cores for fp32 matmuls/convolutions (trainable weights)
+            torch.backends.cuda.matmul.allow_tf32 = model_cfg.tf32
+            torch.backends.cudnn.allow_tf32 = model_cfg.tf32
         pipe = load_pipeline(model_cfg)
         base = model_cfg.name_or_path or model_cfg.preset
-        return cls(pipe, policy_cfg, device=device, dtype=dtype, base_model=base)
+        policy = cls(pipe, policy_cfg, device=device, dtype=dtype, base_model=base)
+        if model_cfg.compile != "off":
+            # in place (nn.Module.compile): the UNet keeps its type, adapters and attributes
+            policy.unet.compile(mode=model_cfg.compile)
+            if policy._ref_unet is not None:
+                policy._ref_unet.compile(mode=model_cfg.compile)
+        return policy
 
     # ----------------------------------------------------------------------------------------------
     # Parameters and the reference policy
