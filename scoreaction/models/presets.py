@@ -124,13 +124,15 @@ def default_cache_dir() -> Path:
 def build_components(
     unet_config: dict, vae_config: dict, text_config: dict, tokenizer_dir: str | Path, seed: int
 ) -> StableDiffusionPipeline:
-    """Random, seeded SD pipeline from component configs (in memory)."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**vae_config)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    """Random, seeded SD pipeline from component configs (in memory). The global RNG is left as it was, so
+    whether a cache had to be written never changes what the caller draws next."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_config)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
