@@ -20,7 +20,7 @@ from scoreaction.images import save_grid
 from scoreaction.learner import Batch, Learner, reward_of_x0_hat
 from scoreaction.models.toy_gmm import ToyPolicy
 from scoreaction.policy import DiffusionPolicy
-from scoreaction.rewards import build_reward
+from scoreaction.rewards import build_monitors, build_reward
 from scoreaction.sampling import Policy, Trajectory, sample_trajectories
 from scoreaction.value import ValueFunction
 
@@ -49,6 +49,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.policy = build_policy(cfg)
         self.reward_fn = build_reward(cfg.reward)
+        # held-out rewards (reward.monitor): logged as monitor/<name>_mean, never optimised
+        self.monitors = build_monitors(cfg.reward)
+        self.monitor_means: dict[str, float] = {}
         self.value_fn = build_value_function(cfg, self.policy)
         self.learner = Learner(self.policy, self.value_fn, cfg)
         self.learner.reward_fn = self.reward_fn
@@ -76,6 +79,10 @@ class Trainer:
         ]
         traj = Trajectory.cat(parts)
         rewards = self.reward_fn(traj.images, traj.prompts).float().cpu()
+        self.monitor_means = {
+            f"monitor/{name}_mean": float(fn(traj.images, traj.prompts).float().mean())
+            for name, fn in self.monitors.items()
+        }
         r_x0 = (
             reward_of_x0_hat(self.policy, traj, self.reward_fn) if self.cfg.value.use_reward_prior else None
         )
@@ -99,6 +106,7 @@ class Trainer:
             "rollout/reward_std": float(batch.rewards.std()) if batch.rewards.numel() > 1 else 0.0,
             "rollout/kl_mean": kl_mean,
             "rollout/objective": reward_mean - self.cfg.algorithm.kl_coef * kl_mean,
+            **self.monitor_means,
         }
         t1 = time.perf_counter()
         if self.cfg.algorithm.name == "ctrl" and self.cfg.value.updates_per_epoch > 0:
@@ -158,6 +166,7 @@ class Trainer:
                         "rollout/objective",
                         "samples",
                         "perf/epoch_s",
+                        *self.monitor_means,
                     )
                 }
                 for m in self.history
@@ -181,6 +190,7 @@ class Trainer:
             "kl_mean": float(kl.mean()),
             "objective": float(batch.rewards.mean()) - self.cfg.algorithm.kl_coef * float(kl.mean()),
             "num_samples": batch.traj.batch_size,
+            **self.monitor_means,
         }
 
 
