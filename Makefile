@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: venv demo test test-slow lint format bench clean
+.PHONY: venv demo serve test test-slow lint format bench clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	HF_HUB_OFFLINE=1 $(PY) jobs/finetune.py --preset tiny --output-dir $(DEMO_DIR)
+
+# The image service: the tiny base model + every run under outputs/ (Ctrl-C stops it).
+serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/serve run serve/config.yaml
 
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
