@@ -7,6 +7,7 @@ learner (``learner_loop``); the driver only starts things, watches, and cleans u
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 
 import ray
 
+from scoreaction.checkpoint import METADATA_FILE, latest_checkpoint
 from scoreaction.config import Config
 from scoreaction.distributed.faults import FaultPlan
 from scoreaction.distributed.plan import (
@@ -55,25 +57,30 @@ def checkpoint_dir_for(cfg: Config, out: Path) -> Path:
 
 
 def check_run_dir(cfg: Config, checkpoint_dir: Path, resume: bool) -> Path | None:
-    """Refuse to mix runs: without resume the folder must hold no checkpoint; with resume it must, from a
-    run with the same settings. Returns the checkpoint to resume from."""
+    """Refuse to mix runs: without resume the folder must hold no checkpoint; with resume it must hold a
+    training checkpoint of a run with the same settings. Returns the checkpoint to resume from."""
+    any_latest = latest_checkpoint(checkpoint_dir.parent) if checkpoint_dir.name == "checkpoints" else None
     latest = latest_step_dir(checkpoint_dir)
     if not resume:
-        if latest is not None:
+        found = latest or any_latest
+        if found is not None:
             raise ResumeError(
-                f"{str(checkpoint_dir)!r} already holds a run's checkpoints (latest: {latest.name}); pass "
+                f"{str(checkpoint_dir)!r} already holds a run's checkpoints (latest: {found.name}); pass "
                 "--resume to continue that run, or choose another --output-dir. Nothing was overwritten."
             )
         return None
     if latest is None:
+        what = (
+            "only checkpoints without learner state (a --single-process run?)"
+            if any_latest
+            else "no checkpoint"
+        )
         raise ResumeError(
-            f"--resume: {str(checkpoint_dir)!r} holds no complete checkpoint to resume from; run without "
-            "--resume to start this run"
+            f"--resume: {str(checkpoint_dir)!r} holds {what} to resume from; run without --resume to start "
+            "a new run there, or point --output-dir at the run to continue"
         )
     _, progress = read_training_checkpoint(latest)
-    import json
-
-    saved = json.loads((latest / "checkpoint.json").read_text()).get("config", {})
+    saved = json.loads((latest / METADATA_FILE).read_text()).get("config", {})
     diffs = config_differences(saved, cfg.model_dump())
     if diffs:
         raise ResumeError(
@@ -263,6 +270,8 @@ def run_distributed(
         )
     out.mkdir(parents=True, exist_ok=True)
     actors = start_actors(cfg, threads, faults, reward_factory)
+    if on_event is not None:
+        on_event("actors", actors.info)
     reporter = RunReporter(cfg, out, progress_bar=progress_bar)
     pump = _Pump(actors.sink, reporter, on_event)
     pump.start()
