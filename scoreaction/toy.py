@@ -79,3 +79,52 @@ class GaussianMixture:
         m = self.mean()
         second = (self.weights[:, None] * (self.means**2 + self.stds[:, None] ** 2)).sum(0)
         return second - m**2
+
+
+def tilted_optimum(mixture: GaussianMixture, a: Tensor | list[float], kl_coef: float) -> dict:
+    """The optimum of E[r] - kl_coef KL(p || p_pre) for r(x) = a^T x (ALGORITHM.md section 7):
+    p* ∝ p_pre exp(r / kl_coef), again a Gaussian mixture with
+
+        w_k* ∝ w_k exp(a^T mu_k / beta + std_k^2 |a|^2 / (2 beta^2)),   mu_k* = mu_k + std_k^2 a / beta,
+        J* = beta log E_pre[exp(r / beta)],   KL* = E*[r] / beta - log E_pre[exp(r / beta)].
+    Returns {"mixture", "weights", "means", "reward", "kl", "objective", "reward_pre"} (float64 tensors /
+    floats). kl_coef must be > 0 (without the KL the optimum collapses onto argmax r)."""
+    if not kl_coef > 0:
+        raise ValueError(f"algorithm.kl_coef={kl_coef!r}: the tilted optimum needs kl_coef > 0")
+    a = torch.as_tensor(a, dtype=torch.float64).flatten()
+    beta, var = float(kl_coef), mixture.stds**2
+    log_z_k = mixture.means @ a / beta + var * float(a @ a) / (2 * beta**2)  # log E_k[exp(r / beta)]
+    log_z = torch.logsumexp(torch.log(mixture.weights) + log_z_k, dim=0)
+    weights = torch.exp(torch.log(mixture.weights) + log_z_k - log_z)
+    means = mixture.means + var[:, None] * a / beta
+    reward = float(weights @ (means @ a))
+    return {
+        "mixture": GaussianMixture(weights, means, mixture.stds),
+        "weights": weights,
+        "means": means,
+        "reward": reward,
+        "kl": reward / beta - float(log_z),
+        "objective": beta * float(log_z),
+        "reward_pre": float(mixture.mean() @ a),
+    }
+
+
+def component_stats(x: Tensor, mixture: GaussianMixture) -> tuple[Tensor, Tensor]:
+    """Assign each sample x: (n, d) to its most likely component of ``mixture`` (at t = 0) and return the
+    fraction of samples per component (K,) and each component's sample mean (K, d) (NaN if empty)."""
+    x64 = x.to(torch.float64)
+    diff = x64[:, None, :] - mixture.means  # (n, K, d)
+    var = mixture.stds**2
+    logp = -0.5 * (diff**2).sum(-1) / var - 0.5 * mixture.dim * torch.log(var) + torch.log(mixture.weights)
+    comp = logp.argmax(dim=1)
+    k = mixture.weights.numel()
+    frac = torch.bincount(comp, minlength=k).double() / x.shape[0]
+    means = torch.stack(
+        [
+            x64[comp == j].mean(0)
+            if bool((comp == j).any())
+            else torch.full((mixture.dim,), float("nan"), dtype=torch.float64)
+            for j in range(k)
+        ]
+    )
+    return frac, means
