@@ -534,7 +534,7 @@ def test_job_and_service_share_storage_and_base_model():
 
 def test_job_config_fits_the_rayjob_worker_pods():
     """Quick arithmetic check; tests/test_cluster_dryrun.py places the actors on a simulated cluster."""
-    from scoreaction.distributed.plan import NodeInfo, build_plan, check_fit, validate_layout
+    from scoreaction.distributed.plan import NodeInfo, PlanError, build_plan, check_fit, validate_layout
 
     cfg = job_config()
     validate_layout(cfg)
@@ -546,6 +546,9 @@ def test_job_config_fits_the_rayjob_worker_pods():
         nodes += [NodeInfo(f"{g['groupName']}-{i}", "w", res) for i in range(g["replicas"])]
     placed = check_fit(build_plan(cfg), nodes)
     assert all(node != "head" for _, _, node in placed)
+    # one pod fewer and the plan no longer fits: 4 GPUs asked for, 3 there
+    with pytest.raises(PlanError, match="4 GPU in all"):
+        check_fit(build_plan(cfg), nodes[:-1])
 
 
 # --------------------------------------------------------------------------------------------------
