@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: venv demo serve test test-slow lint format bench clean
+.PHONY: venv demo serve test test-slow lint format bench image clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) jobs/benchmark.py --out outputs/benchmark.json
+
+# The KubeRay / ray up image (cluster/docker/Dockerfile); the build context is the repository root.
+IMAGE ?= scoreaction:0.1.0-ray2.60.0-py311-gpu
+image:
+	docker build -f cluster/docker/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
