@@ -36,6 +36,7 @@ def _case(overrides: list[str], repeats: int) -> tuple[float, float, int]:
             "algorithm.timestep_fraction=1.0",
             "algorithm.updates_per_epoch=1",
             "algorithm.micro_batch_size=64",
+            "value.use_reward_prior=false",  # the learner step alone: no reward model in the loop
         ],
     )
     policy = build_policy(cfg)
