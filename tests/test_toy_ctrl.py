@@ -45,7 +45,7 @@ def evaluate_against_optimum(
     )
     x = traj.latents[:, -1]
     frac, means = component_stats(x, opt["mixture"])
-    reward = float(x.double() @ torch.tensor(a, dtype=torch.float64)) / n
+    reward = float((x.double() @ torch.tensor(a, dtype=torch.float64)).mean())
     kl = float(traj.extras["kl"].sum(1).mean())
     return {
         "weight_err": float((frac - opt["weights"]).abs().max()),
