@@ -211,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PlanError, ResumeError, ConnectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a failed run (e.g. the learner failed more than max_learner_failures times)
+        logging.getLogger("finetune").exception("the run failed")
+        print(f"error: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     final = summary["final"]
     print(
         f"{summary['algorithm']} on {summary['preset']}: {summary['epochs']} epochs, {summary['samples']} samples, "

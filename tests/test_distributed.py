@@ -2,7 +2,7 @@
 must end with the planned epochs, none lost or counted twice, and the very parameters of a clean run.
 
 Every run here is toy-gmm (epochs take milliseconds; a run's cost is starting the actors and Ray Train),
-with 2 rollout workers and 4 rollout batches per epoch. Rollout noise depends on (seed, epoch, batch) only,
+with 2 rollout workers, 4 rollout batches per epoch and 2 data-parallel learner workers. Rollout noise depends on (seed, epoch, batch) only,
 so a re-run batch is the same batch, and a run that lost and re-ran work must match the clean run bit for
 bit. The default suite kills a rollout actor, a reward actor and a learner worker in one run; the slow
 suite kills each in its own run.
@@ -32,6 +32,7 @@ TOY = [
     "algorithm.learning_rate=3e-3",
     "resources.num_rollout_workers=2",
     "resources.num_reward_workers=1",
+    "resources.num_learner_workers=2",
 ]
 
 

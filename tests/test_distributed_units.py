@@ -231,3 +231,49 @@ def test_publish_latest_moves_only_to_complete_folders(tmp_path):
     assert latest_step_dir(tmp_path) == p1
     (p1 / "progress.json").unlink()
     assert latest_step_dir(tmp_path) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient all-reduce across two gloo ranks
+# --------------------------------------------------------------------------------------------------
+
+
+def _allreduce_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from scoreaction.distributed.ddp import GradientAllReduce, mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    sync = GradientAllReduce(list(model.parameters()))
+    half = x[rank * 4 : (rank + 1) * 4]
+    # two backward passes accumulate into .grad, as the learner does once per trained step
+    model(half).pow(2).mean().backward()
+    model(half).sin().mean().backward()
+    from safetensors.torch import save_file
+
+    save_file(
+        {str(i): p.grad for i, p in enumerate(model.parameters())}, f"{out_dir}/grads{rank}.safetensors"
+    )
+    m = mean_over_ranks({"loss": float(rank)})
+    assert m == {"loss": 0.5} and sync.calls == 2
+    dist.destroy_process_group()
+
+
+def test_gradient_allreduce_over_two_ranks_equals_the_full_batch_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_allreduce_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    model(x).pow(2).mean().backward()
+    model(x).sin().mean().backward()
+    for rank in (0, 1):
+        from safetensors.torch import load_file
+
+        grads = load_file(str(tmp_path / f"grads{rank}.safetensors"))
+        for i, p in enumerate(model.parameters()):
+            torch.testing.assert_close(grads[str(i)], p.grad, rtol=1e-6, atol=1e-7)

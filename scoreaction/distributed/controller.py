@@ -16,7 +16,7 @@ import ray
 import torch
 
 from scoreaction.config import Config
-from scoreaction.distributed.workers import chunk_bounds, epoch_prompts
+from scoreaction.distributed.workers import chunk_bounds, epoch_prompts, to_numpy
 from scoreaction.learner import Batch
 from scoreaction.sampling import Trajectory
 
@@ -43,7 +43,7 @@ class EpochRunner:
         """Put the new weights in the object store once and have every rollout worker load them; seconds
         until all have them. Sampling calls carry the same ref, so a restarted worker reloads them."""
         t0 = time.perf_counter()
-        self._state_ref = ray.put(state)
+        self._state_ref = ray.put(to_numpy(state))
         self.version = uuid.uuid4().hex[:12]
         ray.get([w.load_weights.remote(self.version, [self._state_ref]) for w in self.rollout_workers])
         return time.perf_counter() - t0

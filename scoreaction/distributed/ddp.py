@@ -66,10 +66,11 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     if not dist.is_initialized() or dist.get_world_size() == 1 or not metrics:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist(), strict=True))
+    return dict(zip(keys, t.cpu().tolist(), strict=True))
 
 
 def gather_objects(obj) -> list:

@@ -32,6 +32,7 @@ from scoreaction.config import Config
 from scoreaction.distributed.controller import EpochRunner, fetch_batch, shard
 from scoreaction.distributed.ddp import GradientAllReduce, broadcast_tensors, gather_objects, mean_over_ranks
 from scoreaction.distributed.faults import maybe_fail
+from scoreaction.distributed.reporter import SUMMARY_KEYS
 from scoreaction.distributed.resume import (
     latest_step_dir,
     publish_latest,
@@ -44,16 +45,6 @@ from scoreaction.rewards import build_reward
 from scoreaction.trainer import build_policy, build_value_function
 
 logger = logging.getLogger(__name__)
-
-# per-epoch keys kept in summary.json (as the single-process Trainer writes them)
-SUMMARY_KEYS = (
-    "epoch",
-    "rollout/reward_mean",
-    "rollout/kl_mean",
-    "rollout/objective",
-    "samples",
-    "perf/epoch_s",
-)
 
 
 def rollout_metrics(batch: Batch, kl_coef: float) -> dict[str, float]:

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from scoreaction.config import Config
@@ -138,7 +137,3 @@ class RunReporter:
             self.bar.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def to_cpu_float(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().float().cpu()

@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from scoreaction.checkpoint import LATEST_FILE, METADATA_FILE, atomic_write_text, save_checkpoint
 
-STATE_TENSORS = "learner_state.safetensors"
-STATE_JSON = "learner_state.json"
+STATE_STEM = "learner_state"
+STATE_TENSORS = f"{STATE_STEM}.safetensors"
+STATE_JSON = f"{STATE_STEM}.json"
 PROGRESS_JSON = "progress.json"
 
 
@@ -137,7 +138,7 @@ def write_training_checkpoint(
     staging = root / f".staging-{step_name(step)}-{uuid.uuid4().hex[:8]}"
     try:
         save_checkpoint(policy, staging, step, config, metrics)
-        save_state(learner_state, staging, STATE_JSON.removesuffix(".json"))
+        save_state(learner_state, staging, STATE_STEM)
         (staging / PROGRESS_JSON).write_text(json.dumps(progress))
         _fsync_tree(staging)
         final = root / step_name(step)
@@ -159,7 +160,7 @@ def read_training_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     missing = [n for n in (STATE_TENSORS, STATE_JSON, PROGRESS_JSON, METADATA_FILE) if not (p / n).is_file()]
     if missing:
         raise ResumeError(f"checkpoint {str(p)!r} is incomplete or not a training checkpoint: no {missing}")
-    return load_state(p, STATE_JSON.removesuffix(".json")), json.loads((p / PROGRESS_JSON).read_text())
+    return load_state(p, STATE_STEM), json.loads((p / PROGRESS_JSON).read_text())
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,21 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
+def to_numpy(state: dict[str, torch.Tensor]) -> dict:
+    """CPU tensors as numpy arrays where numpy has the dtype: Ray reads those zero-copy from shared memory,
+    so a worker on the same node copies the weights once (into its model), not twice."""
+    return {
+        k: v.numpy() if v.dtype in (torch.float32, torch.float16, torch.float64) else v
+        for k, v in state.items()
+    }
+
+
+def from_numpy(state: dict) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # read-only shared memory: load_state_dict copies out of it
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+
 class RolloutWorker:
     """Holds the pipeline and a policy copy; samples trajectories with the reference KL recorded."""
 
@@ -91,7 +107,7 @@ class RolloutWorker:
             import ray
 
             state = ray.get(state)
-        self.policy.load_trainable_state_dict(state)
+        self.policy.load_trainable_state_dict(from_numpy(state))
         self.version = version
         return time.perf_counter() - t0
 
