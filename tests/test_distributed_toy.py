@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import ray
-from test_toy_ctrl import E_R, KL_STAR, MU_MINUS, MU_PLUS, W_PLUS, _evaluate
+from test_toy_ctrl import evaluate_against_optimum
 
 from scoreaction.checkpoint import load_checkpoint
 from scoreaction.config import build_config
@@ -42,9 +42,8 @@ def test_ctrl_on_toy_gmm_through_rollout_actors_and_two_learner_workers(tmp_path
     assert [m["epoch"] for m in summary["per_epoch"]] == list(range(30))
     policy = build_policy(cfg)
     load_checkpoint(policy, summary["distributed"]["checkpoint"])
-    m = _evaluate(SimpleNamespace(cfg=cfg, policy=policy), 40)
+    m = evaluate_against_optimum(SimpleNamespace(cfg=cfg, policy=policy), 40)
     print(f"\ndistributed toy CTRL at 40 steps: {m}")
-    assert abs(m["w_plus"] - W_PLUS) <= 0.10
-    assert abs(m["mu_minus"] - MU_MINUS) <= 0.15 and abs(m["mu_plus"] - MU_PLUS) <= 0.15
-    assert 0.80 <= m["reward"] / E_R <= 1.15
-    assert abs(m["kl"] - KL_STAR) <= 0.30 * KL_STAR
+    assert m["weight_err"] <= 0.10 and m["mean_err"] <= 0.15
+    assert 0.80 <= m["gap_closed"] <= 1.15
+    assert m["kl_rel_err"] <= 0.30
