@@ -112,11 +112,10 @@ def overhead(repeats: int) -> list[Result]:
         _print_breakdown(label, epochs)
         dist_s = _median(epochs, "perf/epoch_s")
         out.append(result(f"distributed/{label}/epoch_s_over_single_process", dist_s, "s", base, "<= 1.15"))
-        # Ray's own share of the distributed epoch: waiting on scores after the last rollout, fetching the
-        # batch from the object store, publishing weights, and time in none of the phases
+        # Ray's own share of the distributed epoch: fetching the batch from the object store, publishing
+        # the weights, and time in none of the phases (reward_wait is scoring work that did not overlap)
         ray_s = statistics.median(
-            sum(m[k] for k in ("perf/reward_wait_s", "perf/fetch_s", "perf/weight_sync_s", "perf/idle_s"))
-            for m in epochs
+            sum(m[k] for k in ("perf/fetch_s", "perf/weight_sync_s", "perf/idle_s")) for m in epochs
         )
         out.append(result(f"distributed/{label}/ray_share_of_epoch", ray_s, "s", dist_s, "<= 0.15"))
     return out
@@ -149,7 +148,15 @@ def overlap(repeats: int) -> list[Result]:
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = _cfg("tiny", repeats, "run.num_samples=64", "sampler.batch_size=4", "algorithm.micro_batch_size=16")
+    # no reward prior here: it would score every x0_hat_k too, i.e. N + 1 rewards per trajectory
+    cfg = _cfg(
+        "tiny",
+        repeats,
+        "run.num_samples=64",
+        "sampler.batch_size=4",
+        "algorithm.micro_batch_size=16",
+        "value.use_reward_prior=false",
+    )
     # one rollout batch, one thread: what the rollout worker spends per batch
     from scoreaction.sampling import sample_trajectories
     from scoreaction.trainer import build_policy
