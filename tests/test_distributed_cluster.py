@@ -1,7 +1,8 @@
 """Multi-node on one machine: a head and two worker nodes (ray.cluster_utils.Cluster), with a custom resource
 `fake_gpu` standing in for GPUs. Rollout workers must land on the worker nodes; removing one worker node
 mid-run must not stop the run: its rollout actor restarts on the other node, lost batches are re-run, and
-every planned epoch is done once."""
+every planned epoch is done once. Slow (three nodes and a run: about 1-2 minutes on a quiet 2-core machine,
+6 under load)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def cluster():
     c.shutdown()
 
 
+@pytest.mark.slow
 def test_rollout_workers_on_gpu_nodes_and_a_node_removed_mid_run(cluster, tmp_path):
     c, workers = cluster
     worker_ids = {w.node_id for w in workers}
