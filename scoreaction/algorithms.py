@@ -28,6 +28,21 @@ def td_advantages(values: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
     return values[:, 1:] - values[:, :-1] - kl_coef * kl
 
 
+def lambda_advantages(values: Tensor, kl: Tensor, kl_coef: float, lam: float) -> Tensor:
+    """Exponentially weighted TD advantages (GAE without discount): A_k = sum_{j>=k} lam^(j-k) delta_j with
+    delta_j the TD advantage of step j. lam = 0: the TD advantages; lam = 1: r - kl_coef sum_{j>=k} KL_j -
+    V(t_k, x_k), the Monte-Carlo return less the value (unbiased whatever V, noisier)."""
+    delta = td_advantages(values, kl, kl_coef)
+    if lam == 0:
+        return delta
+    out = torch.empty_like(delta)
+    acc = torch.zeros_like(delta[:, 0])
+    for k in range(delta.shape[1] - 1, -1, -1):
+        acc = delta[:, k] + lam * acc
+        out[:, k] = acc
+    return out
+
+
 def normalize_per_step(adv: Tensor, clip: float, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
     """Normalise each step index over the batch and clip: returns (advantages (B, N), std (N,))."""
     mean = adv.mean(dim=0, keepdim=True)

@@ -124,10 +124,28 @@ class AlgorithmConfig(_Section):
     clip_range: float = Field(
         1e-4, gt=0, description="PPO clip epsilon on the ratio of dim-averaged log-probs."
     )
+    gae_lambda: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="ctrl: advantages sum_j lam^(j-k) delta_j of the TD advantages delta (0: TD advantages as in "
+        "ALGORITHM.md; 1: Monte-Carlo return less the value, unbiased whatever the value's error).",
+    )
     adv_clip: float = Field(
         5.0, gt=0, description="Advantages are clipped to +-adv_clip after normalisation."
     )
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the policy.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="Policy learning rate over the run's epochs: constant, or decayed (cosine / linear) from "
+        "learning_rate to lr_final_ratio * learning_rate at the last epoch.",
+    )
+    lr_final_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Final policy learning rate as a fraction of learning_rate (decayed schedules).",
+    )
     updates_per_epoch: int = Field(1, ge=1, description="Passes over each epoch's trajectories.")
     micro_batch_size: int = Field(
         8, ge=1, description="Trajectories per gradient step (accumulated over timesteps)."

@@ -19,9 +19,9 @@ from torch import Tensor
 from scoreaction.algorithms import (
     PerPromptStatTracker,
     clipped_surrogate,
+    lambda_advantages,
     normalize_per_step,
     reward_to_go,
-    td_advantages,
 )
 from scoreaction.config import Config
 from scoreaction.rewards import RewardFn
@@ -64,6 +64,16 @@ def reward_of_x0_hat(policy: Policy, traj: Trajectory, reward_fn: RewardFn, chun
     return torch.cat(out).view(b, n)
 
 
+def lr_factor(schedule: str, epoch: int, epochs: int, final_ratio: float) -> float:
+    """Multiplier of the policy learning rate at `epoch` (0-based) of `epochs`: 1 at epoch 0, final_ratio at
+    the last epoch for the decayed schedules."""
+    if schedule == "constant" or epochs <= 1:
+        return 1.0
+    progress = min(1.0, epoch / (epochs - 1))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return final_ratio + (1 - final_ratio) * shape
+
+
 class Learner:
     """Holds the optimisers and the DDPO stat tracker; ``update`` runs one epoch's learning."""
 
@@ -72,6 +82,10 @@ class Learner:
         alg = cfg.algorithm
         self.optimizer = torch.optim.AdamW(
             policy.trainable_parameters(), lr=alg.learning_rate, weight_decay=0.0
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda epoch: lr_factor(alg.lr_schedule, epoch, cfg.run.epochs, alg.lr_final_ratio),
         )
         self.value_optimizer = torch.optim.Adam(value_fn.parameters(), lr=cfg.value.learning_rate)
         self.tracker = PerPromptStatTracker(alg.stat_buffer, alg.stat_min_count)
@@ -82,6 +96,7 @@ class Learner:
         stat tracker and the learner's RNG (timestep subsets, shuffles)."""
         return {
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "value_optimizer": self.value_optimizer.state_dict(),
             "value_fn": self.value_fn.state_dict(),
             "tracker": self.tracker.state_dict(),
@@ -90,6 +105,8 @@ class Learner:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints written before lr schedules existed ran at a constant rate
+            self.scheduler.load_state_dict(state["scheduler"])
         self.value_optimizer.load_state_dict(state["value_optimizer"])
         self.value_fn.load_state_dict(state["value_fn"])
         self.tracker.load_state_dict(state["tracker"])
@@ -148,7 +165,12 @@ class Learner:
             return list(range(n))
         return sorted(torch.randperm(n, generator=self.generator)[:k].tolist())
 
-    def _advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Normalised, clipped advantages (B, N) and the per-step normalisation std (N,) of the ratio
+        estimator: TD advantages for ctrl (normalised per step index over the batch), the stat tracker's
+        for ddpo (which updates the tracker). A data-parallel learner computes them once over the whole
+        batch and hands each rank its rows (``update_policy(shard, advantages=...)``), so that several
+        learner workers take the same step as one."""
         alg = self.cfg.algorithm
         kl = batch.traj.extras["kl"].float()
         if alg.name == "ddpo":
@@ -159,14 +181,32 @@ class Learner:
             adv = adv.clamp(-alg.adv_clip, alg.adv_clip)[:, None].expand(-1, batch.traj.num_steps)
             return adv, torch.ones(batch.traj.num_steps)
         values = self.values(batch).cpu()
-        return normalize_per_step(td_advantages(values, kl, alg.kl_coef), alg.adv_clip)
+        return normalize_per_step(lambda_advantages(values, kl, alg.kl_coef, alg.gae_lambda), alg.adv_clip)
 
-    def update_policy(self, batch: Batch) -> dict[str, float]:
+    def update_policy(
+        self, batch: Batch, advantages: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, float]:
+        """One epoch's policy update; then the learning-rate schedule advances by one epoch.
+
+        advantages: (adv rows of this batch, per-step std) from ``advantages`` on a larger batch that this
+        one is a shard of; computed here from this batch when None. Unused by the value-gradient estimator."""
+        lr = self.optimizer.param_groups[0]["lr"]
         alg = self.cfg.algorithm
         if alg.name == "ctrl" and alg.estimator == "value_gradient":
-            return self._update_value_gradient(batch)
+            metrics = self._update_value_gradient(batch)
+        else:
+            metrics = self._update_ratio(batch, advantages or self.advantages(batch))
+        self.scheduler.step()
+        return {**metrics, "learner/lr": lr}
+
+    def _update_ratio(self, batch: Batch, advantages: tuple[Tensor, Tensor]) -> dict[str, float]:
+        alg = self.cfg.algorithm
         traj = batch.traj
-        adv, adv_std = self._advantages(batch)
+        adv, adv_std = advantages
+        if adv.shape[0] != traj.batch_size:
+            raise ValueError(
+                f"advantages have {adv.shape[0]} rows for a batch of {traj.batch_size} trajectories"
+            )
         d = traj.latents[0, 0].numel()
         use_kl = alg.name == "ctrl" and alg.kl_coef > 0
         stats: dict[str, list[float]] = {

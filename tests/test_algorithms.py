@@ -11,6 +11,7 @@ import torch
 from scoreaction.algorithms import (
     PerPromptStatTracker,
     clipped_surrogate,
+    lambda_advantages,
     normalize_per_step,
     reward_to_go,
     td_advantages,
@@ -38,6 +39,16 @@ def test_advantages_telescope():
     adv = td_advantages(values, kl, kl_coef=0.3)
     # sum_k A_k = r - V(t_0, x_0) - kl_coef * sum_k KL_k
     torch.testing.assert_close(adv.sum(1), reward - values[:, 0] - 0.3 * kl.sum(1))
+
+
+def test_lambda_advantages_hand_computed():
+    # V = (0, 0.5, 1.0), r = 2, KL = (0.1, 0.2, 0.3), kl_coef = 1: delta = (0.4, 0.3, 0.7)
+    values, kl = torch.tensor([[0.0, 0.5, 1.0, 2.0]]), torch.tensor([[0.1, 0.2, 0.3]])
+    torch.testing.assert_close(lambda_advantages(values, kl, 1.0, 0.0), torch.tensor([[0.4, 0.3, 0.7]]))
+    # lam = 0.5: A_2 = 0.7, A_1 = 0.3 + 0.5 * 0.7 = 0.65, A_0 = 0.4 + 0.5 * 0.65 = 0.725
+    torch.testing.assert_close(lambda_advantages(values, kl, 1.0, 0.5), torch.tensor([[0.725, 0.65, 0.7]]))
+    # lam = 1: the Monte-Carlo return less the value, r - sum_{j>=k} KL_j - V_k = (1.4, 1.0, 0.7)
+    torch.testing.assert_close(lambda_advantages(values, kl, 1.0, 1.0), torch.tensor([[1.4, 1.0, 0.7]]))
 
 
 def test_reward_to_go_hand_computed():

@@ -12,7 +12,7 @@ from conftest import randomize_lora
 from torch import nn
 
 from scoreaction.config import build_config
-from scoreaction.learner import Learner
+from scoreaction.learner import Learner, lr_factor
 from scoreaction.models.toy_gmm import ToyPolicy
 from scoreaction.sampling import sample_trajectories
 from scoreaction.sde import alpha_bar
@@ -65,9 +65,49 @@ def test_one_update_moves_every_trainable_parameter_and_no_frozen_one(tiny_dir, 
         assert changed == (cfg.algorithm.name == "ctrl"), f"value {name}: changed={changed}"
 
 
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [1.0, 1.0, 1.0, 1.0, 1.0]),
+        # cos(pi e / 4) from 1 to -1 mapped onto [0.1, 1]: 0.1 + 0.9 (1 + cos) / 2
+        ("cosine", [1.0, 0.1 + 0.45 * (1 + math.sqrt(0.5)), 0.55, 0.1 + 0.45 * (1 - math.sqrt(0.5)), 0.1]),
+        ("linear", [1.0, 0.775, 0.55, 0.325, 0.1]),
+    ],
+)
+def test_learning_rate_schedule_over_the_run(schedule, expected):
+    assert [lr_factor(schedule, e, 5, 0.1) for e in range(5)] == pytest.approx(expected)
+    assert lr_factor(schedule, 9, 5, 0.1) == pytest.approx(expected[-1])  # held after the last epoch
+
+
+def test_learner_steps_its_learning_rate_once_per_policy_update(tmp_path):
+    cfg = build_config(
+        "toy-gmm",
+        overrides=[
+            "run.num_samples=16",
+            "algorithm.micro_batch_size=16",
+            "sampler.num_steps=2",
+            "run.epochs=3",
+            "algorithm.learning_rate=1e-3",
+            "algorithm.lr_schedule=linear",
+            "algorithm.lr_final_ratio=0.5",
+        ],
+    )
+    trainer = Trainer(cfg, tmp_path)
+    batch = trainer.rollout(0)
+    lrs = [trainer.learner.update_policy(batch)["learner/lr"] for _ in range(3)]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4])
+
+
 def test_learner_state_round_trips(tmp_path):
     cfg = build_config(
-        "toy-gmm", overrides=["run.num_samples=64", "algorithm.micro_batch_size=32", "sampler.num_steps=4"]
+        "toy-gmm",
+        overrides=[
+            "run.num_samples=64",
+            "algorithm.micro_batch_size=32",
+            "sampler.num_steps=4",
+            "algorithm.lr_schedule=cosine",
+            "run.epochs=4",
+        ],
     )
     trainer = Trainer(cfg, tmp_path)
     batch = trainer.rollout(0)
@@ -79,6 +119,7 @@ def test_learner_state_round_trips(tmp_path):
     other.policy.load_trainable_state_dict(trainer.policy.trainable_state_dict())
     other.learner.load_state_dict(state)
     # Same state -> the very same next update.
+    assert other.learner.scheduler.last_epoch == 1
     trainer.learner.update_policy(batch)
     other.learner.update_policy(batch)
     for (n, a), b in zip(
