@@ -40,6 +40,12 @@ def build_value_function(cfg: Config, policy: Policy) -> ValueFunction:
     return ValueFunction(shape, embed_dim, cfg.value.hidden, cfg.value.use_reward_prior).to(policy.device)
 
 
+def epoch_prompts(cfg: Config, epoch: int, num_samples: int | None = None) -> list[str]:
+    """The prompts of an epoch, round robin over run.prompts (the distributed rollout workers use the same)."""
+    ps, n = cfg.run.prompts, cfg.run.num_samples
+    return [ps[(epoch * n + i) % len(ps)] for i in range(n)][: num_samples or n]
+
+
 class Trainer:
     """Owns the policy, reward, value function and learner of one run."""
 
@@ -69,13 +75,9 @@ class Trainer:
     def is_image(self) -> bool:
         return not isinstance(self.policy, ToyPolicy)
 
-    def prompts(self, epoch: int) -> list[str]:
-        ps = self.cfg.run.prompts
-        return [ps[(epoch * self.cfg.run.num_samples + i) % len(ps)] for i in range(self.cfg.run.num_samples)]
-
     def rollout(self, epoch: int, num_samples: int | None = None) -> Batch:
         """Sample the epoch's trajectories (with the reference KL) and score them."""
-        prompts = self.prompts(epoch)[: num_samples or self.cfg.run.num_samples]
+        prompts = epoch_prompts(self.cfg, epoch, num_samples)
         bs = self.cfg.sampler.batch_size
         parts = [
             sample_trajectories(

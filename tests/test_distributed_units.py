@@ -33,8 +33,8 @@ from scoreaction.distributed.resume import (
     unflatten_state,
     write_training_checkpoint,
 )
-from scoreaction.distributed.workers import chunk_bounds, chunk_seed, epoch_prompts
-from scoreaction.trainer import Trainer
+from scoreaction.distributed.workers import chunk_bounds, chunk_seed
+from scoreaction.trainer import Trainer, epoch_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,12 +107,11 @@ def test_custom_resources_reject_cpu_key():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_prompts_match_the_single_process_trainer(tmp_path):
-    cfg = _cfg("run.num_samples=6", preset="tiny")
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = cfg
-    for epoch in (0, 1, 7, -1):
-        assert epoch_prompts(cfg, epoch) == Trainer.prompts(trainer, epoch)
+def test_epoch_prompts_run_round_robin_across_epochs():
+    # the single-process Trainer and the rollout workers both take an epoch's prompts from epoch_prompts
+    cfg = _cfg("run.num_samples=2", "run.prompts=[a, b, c]", preset="tiny")
+    assert [epoch_prompts(cfg, e) for e in (0, 1, 2, -1)] == [["a", "b"], ["c", "a"], ["b", "c"], ["b", "c"]]
+    assert epoch_prompts(cfg, 1, num_samples=1) == ["c"]
 
 
 def test_chunk_seeds_are_distinct_and_stable():

@@ -16,9 +16,10 @@ import ray
 import torch
 
 from scoreaction.config import Config
-from scoreaction.distributed.workers import chunk_bounds, epoch_prompts, to_numpy
+from scoreaction.distributed.workers import chunk_bounds, to_numpy
 from scoreaction.learner import Batch
 from scoreaction.sampling import Trajectory
+from scoreaction.trainer import epoch_prompts
 
 
 @dataclass
@@ -85,10 +86,15 @@ def fetch_batch(trajectories: list, scores: list) -> Batch:
     return Batch(traj, rewards, r_x0)
 
 
+def shard_rows(batch_size: int, rank: int, world: int) -> slice:
+    """The rows of the rank's contiguous 1/world of a batch (world divides the batch size)."""
+    n = batch_size // world
+    return slice(rank * n, (rank + 1) * n)
+
+
 def shard(batch: Batch, rank: int, world: int) -> Batch:
     """The rank's contiguous 1/world of the batch (world divides the batch size: plan.validate_layout)."""
     if world == 1:
         return batch
-    n = batch.traj.batch_size // world
-    sl = slice(rank * n, (rank + 1) * n)
+    sl = shard_rows(batch.traj.batch_size, rank, world)
     return Batch(batch.traj.index(sl), batch.rewards[sl], batch.r_x0[sl] if batch.r_x0 is not None else None)

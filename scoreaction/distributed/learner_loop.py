@@ -29,7 +29,7 @@ import torch
 
 from scoreaction.checkpoint import load_checkpoint
 from scoreaction.config import Config
-from scoreaction.distributed.controller import EpochRunner, fetch_batch, shard
+from scoreaction.distributed.controller import EpochRunner, fetch_batch, shard, shard_rows
 from scoreaction.distributed.ddp import GradientAllReduce, broadcast_tensors, gather_objects, mean_over_ranks
 from scoreaction.distributed.faults import maybe_fail
 from scoreaction.distributed.reporter import SUMMARY_KEYS
@@ -177,6 +177,16 @@ class LearnerLoop:
     def _publish(self) -> float:
         return self.runner.publish(self.policy.trainable_state_dict()) if self.rank == 0 else 0.0
 
+    def _shard_advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's rows of the advantages normalised over the whole batch (every rank holds the same
+        value function after the all-reduced value update, and the same DDPO tracker), so N learner
+        workers take the step one would. None for the value-gradient estimator (no advantages)."""
+        alg = self.cfg.algorithm
+        if self.world == 1 or (alg.name == "ctrl" and alg.estimator == "value_gradient"):
+            return None
+        adv, std = self.learner.advantages(batch)
+        return adv[shard_rows(batch.traj.batch_size, self.rank, self.world)], std
+
     def pretrain_value(self) -> None:
         for i in range(self.cfg.value.pretrain_epochs):
             batch, _ = self._scored_batch(-1 - i)
@@ -193,7 +203,7 @@ class LearnerLoop:
         if self.cfg.algorithm.name == "ctrl" and self.cfg.value.updates_per_epoch > 0:
             learned.update(self.learner.update_value(local))
         t2 = time.perf_counter()
-        learned.update(self.learner.update_policy(local))
+        learned.update(self.learner.update_policy(local, self._shard_advantages(batch)))
         t3 = time.perf_counter()
         sync_s = self._publish()
         t4 = time.perf_counter()

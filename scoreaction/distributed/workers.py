@@ -32,12 +32,6 @@ logger = logging.getLogger(__name__)
 EVAL_EPOCH_OFFSET = 10_000
 
 
-def epoch_prompts(cfg: Config, epoch: int, num_samples: int | None = None) -> list[str]:
-    """The prompts of an epoch, round robin over run.prompts (the single-process Trainer's order)."""
-    ps, n = cfg.run.prompts, cfg.run.num_samples
-    return [ps[(epoch * n + i) % len(ps)] for i in range(n)][: num_samples or n]
-
-
 def chunk_bounds(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
     """[start, end) of each rollout batch of an epoch."""
     return [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
