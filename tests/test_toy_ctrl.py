@@ -64,7 +64,7 @@ def _train(tmp_path, overrides: list[str]) -> Trainer:
     return trainer
 
 
-REDUCED = ["run.epochs=30", "algorithm.micro_batch_size=256", "algorithm.learning_rate=3e-3"]
+REDUCED = ["run.epochs=30"]  # the preset otherwise: 4096 trajectories an epoch at 20 steps, lambda = 1
 
 
 def test_ctrl_ratio_approaches_the_optimum_and_keeps_its_gain_across_step_counts(tmp_path):
@@ -89,6 +89,7 @@ def test_without_kl_the_policy_runs_toward_argmax_r(tmp_path, algorithm):
             "run.epochs=4",
             "run.num_samples=1024",
             "algorithm.kl_coef=0",
+            "algorithm.lr_schedule=constant",
             f"algorithm.name={algorithm}",
             "algorithm.micro_batch_size=256",
             "algorithm.learning_rate=3e-3",
@@ -99,8 +100,10 @@ def test_without_kl_the_policy_runs_toward_argmax_r(tmp_path, algorithm):
     assert summary["final"]["reward_mean"] > 2.5  # far past E*[r] = 1.648: no KL, no brake
 
 
-# Full runs: 100 epochs x 4096 trajectories at 20 Euler-Maruyama steps (about 4 CPU-minutes each), evaluated at 40.
-FULL = ["run.epochs=100", "algorithm.micro_batch_size=256", "algorithm.learning_rate=3e-3"]
+# Full runs: the preset (4096 trajectories an epoch, Monte-Carlo advantages, cosine learning rate) trained for
+# 60 epochs at the evaluation's 40 steps (a policy trained at 20 steps and evaluated at 40 stalls near 0.89 J*:
+# it optimises the 20-step objective). About 3-4 CPU-minutes each.
+FULL = ["run.epochs=60", "sampler.num_steps=40"]
 # The value-gradient estimator learns with F_phi alone: grad_x R(x0_hat) multiplies errors of the learned score
 # by 1/sqrt(alpha_bar(t)) at high noise (with the prior, KL 13.5 after 30 epochs).
 VALUE_GRADIENT = ["algorithm.estimator=value_gradient", "value.use_reward_prior=false"]
@@ -126,17 +129,4 @@ def test_full_run_matches_the_optimum(tmp_path_factory, case, estimator):
     assert m["weight_err"] <= 0.05 and m["mean_err"] <= 0.12
     assert 0.90 <= m["gap_closed"] <= 1.10
     assert m["kl_rel_err"] <= 0.15
-
-
-# Not met yet (issue 3): measured J / J* = 0.903 (100 epochs) and 0.906 (100 epochs, 2 updates/epoch) for the
-# ratio estimator on d1; training at 40 steps did not help (0.77 after 40 of 60 epochs). ALGORITHM.md section 7:
-# the best Gaussian-transition policy at 20 steps reaches J = 0.905 = 0.97 J*, so the gap is in the optimisation.
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="J reaches about 0.90 J* at 40 steps; the acceptance asks 0.93 (ratio) / 0.85 (value gradient)"
-)
-@pytest.mark.parametrize("estimator", ["ratio", "value_gradient"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_full_run_objective(tmp_path_factory, case, estimator):
-    m = _full_run(tmp_path_factory, case, estimator)
     assert m["j_ratio"] >= (0.93 if estimator == "ratio" else 0.85)
