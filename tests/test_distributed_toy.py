@@ -1,6 +1,7 @@
-"""The toy-gmm acceptance of the CTRL issue (tests/test_toy_ctrl.py's reduced bounds) through the distributed
-path: 2 rollout workers, the rewards on a reward actor, one learner worker (the data-parallel learner is
-covered by tests/test_distributed.py, bit for bit across restarts). Slow."""
+"""The toy-gmm acceptance of the CTRL issue through the distributed path: 2 rollout workers, the rewards on
+a reward actor, 2 data-parallel learner workers (advantages normalised over the whole batch, gradients
+all-reduced). The default suite runs tests/test_toy_ctrl.py's reduced run and bounds; the full run and bounds
+(J >= 0.93 J* included) are `slow`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import ray
-from test_toy_ctrl import evaluate_against_optimum
+from test_toy_ctrl import FULL, REDUCED, evaluate_against_optimum
 
 from scoreaction.checkpoint import load_checkpoint
 from scoreaction.config import build_config
@@ -25,26 +26,37 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow
-def test_ctrl_on_toy_gmm_through_rollout_and_reward_actors(tmp_path):
+def _train_distributed(tmp_path, overrides: list[str]) -> dict[str, float]:
     cfg = build_config(
         "toy-gmm",
         overrides=[
-            "run.epochs=30",
-            "algorithm.micro_batch_size=256",
-            "algorithm.learning_rate=3e-3",
+            *overrides,
             "sampler.batch_size=1024",
             "resources.num_rollout_workers=2",
-            "resources.num_learner_workers=1",
+            "resources.num_learner_workers=2",
             f"run.output_dir={tmp_path}",
         ],
     )
     summary = run_distributed(cfg, tmp_path, threads=1, progress_bar=False)
-    assert [m["epoch"] for m in summary["per_epoch"]] == list(range(30))
+    assert [m["epoch"] for m in summary["per_epoch"]] == list(range(cfg.run.epochs))
     policy = build_policy(cfg)
     load_checkpoint(policy, summary["distributed"]["checkpoint"])
-    m = evaluate_against_optimum(SimpleNamespace(cfg=cfg, policy=policy), 40)
-    print(f"\ndistributed toy CTRL at 40 steps: {m}")
+    return evaluate_against_optimum(SimpleNamespace(cfg=cfg, policy=policy), 40)
+
+
+def test_reduced_toy_acceptance_through_rollout_reward_and_learner_workers(tmp_path):
+    m = _train_distributed(tmp_path, REDUCED)
+    print(f"\ndistributed toy CTRL (reduced) at 40 steps: {m}")
     assert m["weight_err"] <= 0.10 and m["mean_err"] <= 0.15
     assert 0.80 <= m["gap_closed"] <= 1.15
     assert m["kl_rel_err"] <= 0.30
+
+
+@pytest.mark.slow
+def test_full_toy_acceptance_through_rollout_reward_and_learner_workers(tmp_path):
+    m = _train_distributed(tmp_path, FULL)
+    print(f"\ndistributed toy CTRL (full) at 40 steps: {m}")
+    assert m["weight_err"] <= 0.05 and m["mean_err"] <= 0.12
+    assert 0.90 <= m["gap_closed"] <= 1.10
+    assert m["kl_rel_err"] <= 0.15
+    assert m["j_ratio"] >= 0.93
