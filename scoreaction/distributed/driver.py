@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scoreaction.checkpoint import METADATA_FILE, latest_checkpoint
 from scoreaction.config import Config
@@ -141,7 +142,10 @@ def start_actors(
         "max_task_retries": r.max_restarts,
         "scheduling_strategy": strategy,
     }
-    actors = Actors(sink=ray.remote(MetricsSink).options(num_cpus=0).remote())
+    # The sink lives on the driver's node (the head under `ray job submit`): the driver reads it, and a worker
+    # node lost mid-run must not take the run's metrics with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actors = Actors(sink=ray.remote(MetricsSink).options(num_cpus=0, scheduling_strategy=here).remote())
     rollout_cls = ray.remote(RolloutWorker).options(
         num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, resources=r.rollout_resources or None, **common
     )
