@@ -153,7 +153,7 @@ def test_config_differences_allow_epochs_and_resources_only():
     b = _cfg("run.epochs=99", "resources.num_rollout_workers=3", "run.output_dir=/x").model_dump()
     assert config_differences(a, b) == []
     c = _cfg("algorithm.learning_rate=0.5").model_dump()
-    assert config_differences(a, c) == ["algorithm.learning_rate: 0.001 -> 0.5"]
+    assert config_differences(a, c) == ["algorithm.learning_rate: 0.003 -> 0.5"]
 
 
 # --------------------------------------------------------------------------------------------------
