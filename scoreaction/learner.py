@@ -167,7 +167,7 @@ class Learner:
 
     def advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Normalised, clipped advantages (B, N) and the per-step normalisation std (N,) of the ratio
-        estimator: TD advantages for ctrl (normalised per step index over the batch), the stat tracker's
+        estimator: lambda-weighted TD advantages for ctrl (normalised per step index over the batch), the tracker's
         for ddpo (which updates the tracker). A data-parallel learner computes them once over the whole
         batch and hands each rank its rows (``update_policy(shard, advantages=...)``), so that several
         learner workers take the same step as one."""
