@@ -67,13 +67,26 @@ def _train(tmp_path, overrides: list[str]) -> Trainer:
 REDUCED = ["run.epochs=30"]  # the preset otherwise: 4096 trajectories an epoch at 20 steps, lambda = 1
 
 
+def assert_reduced_bounds(m: dict[str, float]) -> None:
+    """The default suite's looser acceptance bounds (issue 3)."""
+    assert m["weight_err"] <= 0.10 and m["mean_err"] <= 0.15
+    assert 0.80 <= m["gap_closed"] <= 1.15
+    assert m["kl_rel_err"] <= 0.30
+
+
+def assert_full_bounds(m: dict[str, float], estimator: str = "ratio") -> None:
+    """The full acceptance bounds (issue 3), J included."""
+    assert m["weight_err"] <= 0.05 and m["mean_err"] <= 0.12
+    assert 0.90 <= m["gap_closed"] <= 1.10
+    assert m["kl_rel_err"] <= 0.15
+    assert m["j_ratio"] >= (0.93 if estimator == "ratio" else 0.85)
+
+
 def test_ctrl_ratio_approaches_the_optimum_and_keeps_its_gain_across_step_counts(tmp_path):
     trainer = _train(tmp_path, REDUCED)  # trained at 20 Euler-Maruyama steps
     m = evaluate_against_optimum(trainer, 40)
     print(f"\nreduced toy CTRL at 40 steps: {m}")
-    assert m["weight_err"] <= 0.10 and m["mean_err"] <= 0.15
-    assert 0.80 <= m["gap_closed"] <= 1.15
-    assert m["kl_rel_err"] <= 0.30
+    assert_reduced_bounds(m)
 
     # Discretisation: E_pre[r] = 0 at every step count (symmetric mixture, a = 1), so the reward is the gain.
     gain = {n: evaluate_against_optimum(trainer, n)["reward"] for n in (10, 20)} | {40: m["reward"]}
@@ -125,8 +138,4 @@ def _full_run(tmp_path_factory, case: str, estimator: str) -> dict[str, float]:
 @pytest.mark.parametrize("estimator", ["ratio", "value_gradient"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_full_run_matches_the_optimum(tmp_path_factory, case, estimator):
-    m = _full_run(tmp_path_factory, case, estimator)
-    assert m["weight_err"] <= 0.05 and m["mean_err"] <= 0.12
-    assert 0.90 <= m["gap_closed"] <= 1.10
-    assert m["kl_rel_err"] <= 0.15
-    assert m["j_ratio"] >= (0.93 if estimator == "ratio" else 0.85)
+    assert_full_bounds(_full_run(tmp_path_factory, case, estimator), estimator)
