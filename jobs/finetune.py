@@ -165,7 +165,12 @@ def run(cfg: Config, out: Path, resume: bool) -> dict:
     """The distributed run: checks first (nothing started, nothing written), then Ray."""
     import torch
 
-    from scoreaction.distributed.driver import check_run_dir, checkpoint_dir_for, run_distributed
+    from scoreaction.distributed.driver import (
+        check_run_dir,
+        checkpoint_dir_for,
+        one_host_threads,
+        run_distributed,
+    )
 
     validate_layout(cfg)
     check_run_dir(cfg, checkpoint_dir_for(cfg, out), resume)
@@ -174,8 +179,10 @@ def run(cfg: Config, out: Path, resume: bool) -> dict:
         check_fit(build_plan(cfg), [local_node(build_plan(cfg), torch.cuda.device_count())])
     started = connect(cfg)
     try:
-        # one host: each phase of an epoch may use every core (they mostly run one after another)
-        threads = cfg.resources.torch_threads or (os.cpu_count() if local and started else None)
+        # one host: the actors that run at the same time split its cores (driver.one_host_threads)
+        threads = cfg.resources.torch_threads or (
+            one_host_threads(cfg, os.cpu_count() or 1) if local and started else None
+        )
         return run_distributed(cfg, out, resume=resume, threads=threads)
     finally:
         if started:

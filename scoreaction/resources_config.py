@@ -67,8 +67,9 @@ class ResourcesConfig(BaseModel):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="Intra-op threads per actor; None = the CPUs it reserves (at least 1), or every core when "
-        "jobs/finetune.py starts a local Ray (the phases of an epoch mostly run one after another).",
+        description="Intra-op threads per actor; None = the CPUs it reserves (at least 1), or, when "
+        "jobs/finetune.py starts a local Ray, a share of the host's cores: actors that run at the same time "
+        "split them (rollout and reward actors when scoring overlaps sampling; the learner workers).",
     )
     require_fit: bool = Field(
         True,

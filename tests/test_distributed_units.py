@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from scoreaction.config import build_config
+from scoreaction.distributed.driver import _threads, one_host_threads
 from scoreaction.distributed.plan import (
     NodeInfo,
     PlanError,
@@ -100,6 +101,32 @@ def test_layout_checks_name_fields():
 def test_custom_resources_reject_cpu_key():
     with pytest.raises(Exception, match="has its own field"):
         _cfg("resources.rollout_resources={CPU: 1}")
+
+
+def test_one_host_threads_split_the_cores_between_actors_that_run_together():
+    # 32 samples in batches of 16: one rollout worker samples the second batch while the first is scored, so
+    # rollout and reward actors split the cores; the learner workers run alone and split them all
+    cfg = _cfg(preset="tiny")
+    assert (cfg.run.num_samples, cfg.sampler.batch_size) == (32, 16)
+    assert one_host_threads(cfg, 2) == {"rollout": 1, "reward": 1, "learner": 2}
+    cfg = _cfg(
+        "resources.num_rollout_workers=2",
+        "resources.num_learner_workers=2",
+        "run.num_samples=64",
+        preset="tiny",
+    )
+    assert one_host_threads(cfg, 16) == {"rollout": 5, "reward": 5, "learner": 8}
+    assert one_host_threads(cfg, 1) == {"rollout": 1, "reward": 1, "learner": 1}
+    # one batch per rollout worker: scoring starts when sampling is over, so nothing overlaps
+    cfg = _cfg("resources.num_rollout_workers=2", "resources.num_reward_workers=2", preset="tiny")
+    assert one_host_threads(cfg, 8) == {"rollout": 4, "reward": 4, "learner": 8}
+    cfg = _cfg("run.num_samples=16", preset="tiny")
+    assert one_host_threads(cfg, 2) == {"rollout": 2, "reward": 2, "learner": 2}
+    # an explicit number or resources.torch_threads wins over a kind's share; a kind left out takes the CPUs
+    assert _threads({"rollout": 3}, "rollout", None, 1.0) == 3
+    assert _threads({"rollout": 3}, "reward", None, 2.5) == 3
+    assert _threads({"rollout": 3}, "reward", 4, 2.5) == 4
+    assert _threads(2, "learner", 4, 1.0) == 2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _single_process_around(cfg: Config, repeats: int, between) -> tuple[float, o
         return statistics.median(times), middle
 
 
-def _distributed_epochs(cfg: Config, threads: int, reward_factory=None) -> list[dict]:
+def _distributed_epochs(cfg: Config, threads, reward_factory=None) -> list[dict]:
     from scoreaction.distributed.driver import run_distributed
 
     events: list[dict] = []
@@ -91,6 +91,8 @@ def _print_breakdown(label: str, epochs: list[dict]) -> None:
 
 def overhead(repeats: int) -> list[Result]:
     """Distributed epoch (1 rollout worker, 1 learner worker) over the single-process epoch, same work."""
+    from scoreaction.distributed.driver import one_host_threads
+
     out = []
     cases = [
         ("tiny", ["resources.num_rollout_workers=1"]),
@@ -106,8 +108,14 @@ def overhead(repeats: int) -> list[Result]:
     ]
     for label, extra in cases:
         cfg = _cfg("tiny", repeats, *extra)
+        # the threads jobs/finetune.py gives each actor on a local Ray; the single process uses every core
+        threads = one_host_threads(cfg, CPUS)
         base, epochs = _single_process_around(
-            cfg, repeats, lambda cfg=cfg: _distributed_epochs(cfg, threads=CPUS)
+            cfg, repeats, lambda cfg=cfg, threads=threads: _distributed_epochs(cfg, threads=threads)
+        )
+        print(
+            f"[distributed] {label}: torch threads per actor {threads}, single process {CPUS}",
+            file=sys.stderr,
         )
         _print_breakdown(label, epochs)
         dist_s = _median(epochs, "perf/epoch_s")

@@ -108,8 +108,31 @@ def absolutize(cfg: Config) -> Config:
     return cfg
 
 
-def _threads(explicit: int | None, cpus: float) -> int:
-    return explicit or max(1, math.ceil(cpus))
+Threads = int | dict[str, int] | None
+"""Torch threads per actor: one number for every actor, or {"rollout": n, "reward": n, "learner": n}."""
+
+
+def _threads(threads: Threads, kind: str, torch_threads: int | None, cpus: float) -> int:
+    if isinstance(threads, dict):
+        threads = threads.get(kind)
+    return threads or torch_threads or max(1, math.ceil(cpus))
+
+
+def one_host_threads(cfg: Config, cores: int) -> dict[str, int]:
+    """Torch threads per actor when every actor shares one host of `cores` cores (a local Ray): actors that
+    run at the same time split the cores, since oversubscribed intra-op threads spin against each other.
+    Rollout and reward actors overlap when an epoch has more rollout batches than rollout workers (each batch
+    is scored while the next is sampled); otherwise the reward actors score after sampling ends and, like the
+    learner workers (which run while the others wait for their weights), split every core."""
+    r = cfg.resources
+    batches = math.ceil(cfg.run.num_samples / cfg.sampler.batch_size)
+    overlap = batches > r.num_rollout_workers
+    rollout = max(1, cores // (r.num_rollout_workers + (r.num_reward_workers if overlap else 0)))
+    return {
+        "rollout": rollout,
+        "reward": rollout if overlap else max(1, cores // r.num_reward_workers),
+        "learner": max(1, cores // r.num_learner_workers),
+    }
 
 
 @dataclass
@@ -129,7 +152,7 @@ class Actors:
 
 def start_actors(
     cfg: Config,
-    threads: int | None = None,
+    threads: Threads = None,
     faults: FaultPlan | None = None,
     reward_factory: Callable | None = None,
 ) -> Actors:
@@ -153,12 +176,12 @@ def start_actors(
         num_cpus=r.reward_cpus, num_gpus=r.reward_gpus, resources=r.reward_resources or None, **common
     )
     actors.rollout = [
-        rollout_cls.remote(cfg_dict, i, _threads(threads or r.torch_threads, r.rollout_cpus), faults)
+        rollout_cls.remote(cfg_dict, i, _threads(threads, "rollout", r.torch_threads, r.rollout_cpus), faults)
         for i in range(r.num_rollout_workers)
     ]
     actors.reward = [
         reward_cls.remote(
-            cfg_dict, i, _threads(threads or r.torch_threads, r.reward_cpus), faults, reward_factory
+            cfg_dict, i, _threads(threads, "reward", r.torch_threads, r.reward_cpus), faults, reward_factory
         )
         for i in range(r.num_reward_workers)
     ]
@@ -179,7 +202,7 @@ def start_actors(
 
 
 def make_trainer(
-    cfg: Config, actors: Actors, checkpoint_dir: Path, threads: int | None, faults: FaultPlan | None
+    cfg: Config, actors: Actors, checkpoint_dir: Path, threads: Threads, faults: FaultPlan | None
 ):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -198,7 +221,7 @@ def make_trainer(
             "reward_workers": actors.reward,
             "sink": actors.sink,
             "checkpoint_dir": str(checkpoint_dir),
-            "threads": _threads(threads or r.torch_threads, r.learner_cpus),
+            "threads": _threads(threads, "learner", r.torch_threads, r.learner_cpus),
             "faults": faults,
         },
         torch_config=TorchConfig(backend=learner_backend(cfg)),
@@ -243,7 +266,7 @@ def run_distributed(
     out: str | Path,
     *,
     resume: bool = False,
-    threads: int | None = None,
+    threads: Threads = None,
     faults: FaultPlan | None = None,
     reward_factory: Callable | None = None,
     on_event: Callable[[str, dict], None] | None = None,
@@ -251,7 +274,8 @@ def run_distributed(
 ) -> dict[str, Any]:
     """Run the whole fine-tuning on the connected Ray cluster; returns the summary (also in summary.json).
 
-    threads: torch threads per actor (None: resources.torch_threads or each actor's CPUs).
+    threads: torch threads per actor, one number or per kind (``one_host_threads``); None, or a kind left
+    out: resources.torch_threads, else the CPUs the actor reserves.
     faults: kill processes on purpose (tests, drills). reward_factory: cfg -> reward fn, instead of
     build_reward (benchmarks). on_event(kind, payload): called for every learner event (tests).
     """
