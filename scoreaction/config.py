@@ -258,6 +258,16 @@ class Config(_Section):
 def _tiny() -> dict[str, Any]:
     return {
         "model": {"preset": "tiny"},
+        # The tiny UNet has two cross-attention blocks of 32 and 64 channels: LoRA on attention alone barely
+        # moves its images (DDPO's JPEG reward rose by 0.017 / 0.057 kB in 8 epochs on seeds 1 / 0). With the
+        # ResNet convolutions and the transformers' projections too: DDPO +0.079 / +0.094 / +0.052 on seeds
+        # 0 / 1 / 2, CTRL +0.145 / +0.102 / +0.206.
+        "policy": {
+            "lora_target_modules": [
+                *("to_q", "to_k", "to_v", "to_out.0"),
+                *("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
+            ]
+        },
         "sampler": {"num_steps": 20, "guidance_scale": 5.0, "batch_size": 16},
         "reward": {"name": "jpeg_compressibility"},
         # The random tiny model's JPEG sizes vary little (std 0.06 kB) and move slowly per unit of KL, so the
