@@ -214,6 +214,12 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
+    @property
+    def scores_x0_hat(self) -> bool:
+        """Whether rollouts score x0_hat at every step: the value function's reward prior, which only ctrl's
+        value function uses (ddpo's advantages come from the final reward alone)."""
+        return self.algorithm.name == "ctrl" and self.value.use_reward_prior
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         deterministic = self.sampler.eta == 0 or self.sampler.stepper == "heun"

@@ -91,14 +91,12 @@ class Trainer:
             f"monitor/{name}_mean": float(fn(traj.images, traj.prompts).float().mean())
             for name, fn in self.monitors.items()
         }
-        r_x0 = (
-            reward_of_x0_hat(self.policy, traj, self.reward_fn) if self.cfg.value.use_reward_prior else None
-        )
+        r_x0 = reward_of_x0_hat(self.policy, traj, self.reward_fn) if self.cfg.scores_x0_hat else None
         return Batch(traj, rewards, r_x0)
 
     def pretrain_value(self) -> None:
-        """Fit F_phi on rollouts of the frozen (initial) policy before fine-tuning."""
-        for i in range(self.cfg.value.pretrain_epochs):
+        """Fit F_phi on rollouts of the frozen (initial) policy before fine-tuning (ctrl: ddpo has no value)."""
+        for i in range(self.cfg.value.pretrain_epochs if self.cfg.algorithm.name == "ctrl" else 0):
             metrics = self.learner.update_value(self.rollout(-1 - i))
             logger.info("value pretraining %d: %s", i, metrics)
 

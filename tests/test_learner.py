@@ -52,6 +52,9 @@ def test_one_update_moves_every_trainable_parameter_and_no_frozen_one(tiny_dir, 
     randomize_lora(trainer.policy, scale=0.05)
     unet_before, value_before = _snapshot(trainer.policy.unet), _snapshot(trainer.value_fn)
     batch = trainer.rollout(0)
+    # only ctrl's value function uses R(x0_hat_k); ddpo's rollouts score the final images alone
+    assert (batch.r_x0 is None) == (cfg.algorithm.name == "ddpo")
+    assert trainer.reward_queries == 4 * (1 if batch.r_x0 is None else 1 + cfg.sampler.num_steps)
     if cfg.algorithm.name == "ctrl":
         trainer.learner.update_value(batch)
     trainer.learner.update_policy(batch)

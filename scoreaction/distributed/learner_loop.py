@@ -188,7 +188,7 @@ class LearnerLoop:
         return adv[shard_rows(batch.traj.batch_size, self.rank, self.world)], std
 
     def pretrain_value(self) -> None:
-        for i in range(self.cfg.value.pretrain_epochs):
+        for i in range(self.cfg.value.pretrain_epochs if self.cfg.algorithm.name == "ctrl" else 0):
             batch, _ = self._scored_batch(-1 - i)
             metrics = mean_over_ranks(self.learner.update_value(shard(batch, self.rank, self.world)))
             logger.info("value pretraining %d: %s", i, metrics)

@@ -120,7 +120,7 @@ class RolloutWorker:
 
 class RewardWorker:
     """Scores rollout batches: the reward of the terminal images, and R(x0_hat_k) for every state when the
-    value function uses the reward prior (value.use_reward_prior)."""
+    value function uses the reward prior (ctrl with value.use_reward_prior: Config.scores_x0_hat)."""
 
     def __init__(
         self,
@@ -136,7 +136,7 @@ class RewardWorker:
         self.faults = faults
         self.reward_fn = reward_factory(self.cfg) if reward_factory else build_reward(self.cfg.reward)
         # decode() and the schedule for x0_hat; built only when needed
-        self._policy = build_policy(self.cfg) if self.cfg.value.use_reward_prior else None
+        self._policy = build_policy(self.cfg) if self.cfg.scores_x0_hat else None
 
     def ready(self) -> dict[str, Any]:
         import ray
