@@ -215,10 +215,15 @@ class Config(_Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @property
+    def uses_value(self) -> bool:
+        """Whether the run trains and uses the value function: ctrl (ddpo's advantages come from the final
+        reward alone)."""
+        return self.algorithm.name == "ctrl"
+
+    @property
     def scores_x0_hat(self) -> bool:
-        """Whether rollouts score x0_hat at every step: the value function's reward prior, which only ctrl's
-        value function uses (ddpo's advantages come from the final reward alone)."""
-        return self.algorithm.name == "ctrl" and self.value.use_reward_prior
+        """Whether rollouts score x0_hat at every step: the value function's reward prior."""
+        return self.uses_value and self.value.use_reward_prior
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

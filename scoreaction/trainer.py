@@ -96,7 +96,7 @@ class Trainer:
 
     def pretrain_value(self) -> None:
         """Fit F_phi on rollouts of the frozen (initial) policy before fine-tuning (ctrl: ddpo has no value)."""
-        for i in range(self.cfg.value.pretrain_epochs if self.cfg.algorithm.name == "ctrl" else 0):
+        for i in range(self.cfg.value.pretrain_epochs if self.cfg.uses_value else 0):
             metrics = self.learner.update_value(self.rollout(-1 - i))
             logger.info("value pretraining %d: %s", i, metrics)
 
@@ -115,7 +115,7 @@ class Trainer:
             **self.monitor_means,
         }
         t1 = time.perf_counter()
-        if self.cfg.algorithm.name == "ctrl" and self.cfg.value.updates_per_epoch > 0:
+        if self.cfg.uses_value and self.cfg.value.updates_per_epoch > 0:
             metrics.update(self.learner.update_value(batch))
         t2 = time.perf_counter()
         metrics.update(self.learner.update_policy(batch))

@@ -188,7 +188,7 @@ class LearnerLoop:
         return adv[shard_rows(batch.traj.batch_size, self.rank, self.world)], std
 
     def pretrain_value(self) -> None:
-        for i in range(self.cfg.value.pretrain_epochs if self.cfg.algorithm.name == "ctrl" else 0):
+        for i in range(self.cfg.value.pretrain_epochs if self.cfg.uses_value else 0):
             batch, _ = self._scored_batch(-1 - i)
             metrics = mean_over_ranks(self.learner.update_value(shard(batch, self.rank, self.world)))
             logger.info("value pretraining %d: %s", i, metrics)
@@ -200,7 +200,7 @@ class LearnerLoop:
         local = shard(batch, self.rank, self.world)
         t1 = time.perf_counter()
         learned: dict[str, float] = {}
-        if self.cfg.algorithm.name == "ctrl" and self.cfg.value.updates_per_epoch > 0:
+        if self.cfg.uses_value and self.cfg.value.updates_per_epoch > 0:
             learned.update(self.learner.update_value(local))
         t2 = time.perf_counter()
         learned.update(self.learner.update_policy(local, self._shard_advantages(batch)))
