@@ -120,9 +120,15 @@ class GuardMiddleware:
     (chunked) body, so a client cannot get past it by omitting the header.
     """
 
-    def __init__(self, app, observe: Callable[[], Observer | None] = lambda: None) -> None:
+    def __init__(
+        self,
+        app,
+        observe: Callable[[], Observer | None] = lambda: None,
+        max_body_bytes: Callable[[], int] = lambda: MAX_BODY_BYTES,
+    ) -> None:
         self.app = app
         self.observe = observe
+        self.max_body_bytes = max_body_bytes  # read per request (the reward service sets it per app)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -183,8 +189,8 @@ class GuardMiddleware:
                 return error_response(
                     400, f"Content-Length={length!r} is not an integer", param="Content-Length"
                 )
-            if n > MAX_BODY_BYTES:
-                return _too_large(n)
+            if n > self.max_body_bytes():
+                return _too_large(n, limit=self.max_body_bytes())
         return None
 
     def _limited(self, receive, scope, send, holder):
@@ -195,8 +201,8 @@ class GuardMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > MAX_BODY_BYTES:
-                    await _too_large(seen, streamed=True)(scope, receive, send)
+                if seen > self.max_body_bytes():
+                    await _too_large(seen, streamed=True, limit=self.max_body_bytes())(scope, receive, send)
                     holder["sent"] = holder["own_done"] = True
                     return {"type": "http.disconnect"}
             return message
@@ -204,11 +210,11 @@ class GuardMiddleware:
         return receive_limited
 
 
-def _too_large(n: int, streamed: bool = False) -> JSONResponse:
+def _too_large(n: int, streamed: bool = False, limit: int = MAX_BODY_BYTES) -> JSONResponse:
     size = f"more than {n} bytes" if streamed else f"{n} bytes"
     return error_response(
         413,
-        f"request body is {size}; the limit is {MAX_BODY_BYTES} bytes (64 KiB)",
+        f"request body is {size}; the limit is {limit} bytes ({limit / 1024:g} KiB)",
         param="body",
         code="body_too_large",
     )
