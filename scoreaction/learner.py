@@ -30,6 +30,27 @@ from scoreaction.sde import alpha_bar, eps_to_score, step_kl
 from scoreaction.value import ValueFunction, explained_variance
 
 
+class NonFiniteError(RuntimeError):
+    """Non-finite numbers reached the learner: a reward (or the reward prior of x0_hat) that is NaN or
+    +-inf, or more non-finite optimiser steps in one epoch than ``algorithm.max_skipped_steps``. Raised
+    before any weight is updated from them, so the run stops with its last checkpoint intact (``--resume``
+    continues from it). The message names the reward or the steps, the epoch and how many were non-finite.
+
+    kind: "reward", "reward_prior" or "skipped_steps"; epoch: the epoch (negative: value pre-training);
+    count: non-finite samples (or skipped steps); total: samples (or steps) of that epoch seen so far."""
+
+    def __init__(self, message: str, *, kind: str, epoch: int | None, count: int, total: int) -> None:
+        super().__init__(message)
+        self.kind, self.epoch, self.count, self.total = kind, epoch, count, total
+
+    def __reduce__(self):  # picklable with its fields (Ray ships worker exceptions to the driver)
+        return (_rebuild_nonfinite, (self.args[0], self.kind, self.epoch, self.count, self.total))
+
+
+def _rebuild_nonfinite(message: str, kind: str, epoch: int | None, count: int, total: int) -> NonFiniteError:
+    return NonFiniteError(message, kind=kind, epoch=epoch, count=count, total=total)
+
+
 @dataclass
 class Batch:
     """One epoch's scored trajectories. rewards: (B,); r_x0: (B, N) reward of x0_hat_k, or None."""
