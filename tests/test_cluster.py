@@ -22,17 +22,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
+# The KubeRay CRDs' openAPIV3Schemas, vendored and trimmed (tests/data/kuberay-crds/README.md: version, source)
+CRD_DIR = ROOT / "tests" / "data" / "kuberay-crds"
 MANIFESTS = {
     "rayjob": CLUSTER / "kuberay" / "rayjob-finetune.yaml",
     "rayservice": CLUSTER / "kuberay" / "rayservice.yaml",
     "raycluster": CLUSTER / "kuberay" / "raycluster.yaml",
 }
-CRD_FILES = {
-    "RayJob": "ray.io_rayjobs.yaml",
-    "RayService": "ray.io_rayservices.yaml",
-    "RayCluster": "ray.io_rayclusters.yaml",
-}
+CRD_FILES = {"RayJob": "RayJob.json", "RayService": "RayService.json", "RayCluster": "RayCluster.json"}
 VM_CONFIGS = [CLUSTER / "vm" / "cluster.yaml", CLUSTER / "vm" / "local.yaml"]
 DOCKERFILE = CLUSTER / "docker" / "Dockerfile"
 SHARED_PVC = CLUSTER / "kuberay" / "shared-storage.yaml"
@@ -45,7 +42,6 @@ SERVE_OVERLAY = CLUSTER / "kuberay" / "serve-overlay.yaml"
 
 
 def load(path: Path) -> dict[str, Any]:
-    # the C loader when PyYAML has it: the three CRDs are 3.3 MB of YAML (seconds with the pure-Python one)
     return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
@@ -77,15 +73,18 @@ _SCHEMAS: dict[tuple[str, str], dict] = {}
 
 
 def crd_schema(kind: str, version: str) -> dict:
-    """The strict openAPIV3Schema of one version of a KubeRay CRD."""
+    """The strict openAPIV3Schema of one version of a KubeRay CRD (vendored: tests/data/kuberay-crds/)."""
     key = (kind, version)
     if key not in _SCHEMAS:
-        crd = load(CRD_DIR / CRD_FILES[kind])
-        assert crd["spec"]["names"]["kind"] == kind
-        versions = {v["name"]: v for v in crd["spec"]["versions"]}
+        crd = json.loads((CRD_DIR / CRD_FILES[kind]).read_text())
+        assert crd["kind"] == kind and crd["group"] == "ray.io"
+        versions = crd["versions"]
+        assert version not in crd["notVendored"], (
+            f"{kind} {version} is served by KubeRay but not vendored; use v1 (or re-run trim.py --keep {version})"
+        )
         assert version in versions, f"{kind} has no version {version!r}; the CRD serves {sorted(versions)}"
-        assert versions[version].get("served"), f"{kind} {version} is not served"
-        _SCHEMAS[key] = strict(versions[version]["schema"]["openAPIV3Schema"])
+        assert versions[version]["served"], f"{kind} {version} is not served"
+        _SCHEMAS[key] = strict(versions[version]["openAPIV3Schema"])
     return _SCHEMAS[key]
 
 
