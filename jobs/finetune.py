@@ -195,10 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        overrides = list(args.overrides)
-        if args.output_dir:
-            overrides.append(f"run.output_dir={args.output_dir}")
-        cfg = build_config(args.preset, args.config, overrides)
+        # --output-dir is a path, taken literally (never YAML: "/data/run #2" is not "/data/run")
+        values = {"run.output_dir": args.output_dir} if args.output_dir else None
+        cfg = build_config(args.preset, args.config, args.overrides, values)
         out = Path(cfg.run.output_dir).expanduser().resolve()
         if args.dry_run:
             from scoreaction.distributed.driver import checkpoint_dir_for

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from scoreaction.config_base import ConfigSection
 from scoreaction.resources_config import ResourcesConfig
 from scoreaction.reward_config import RewardConfig
 
@@ -24,8 +25,8 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field, the value and what is allowed."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Section(ConfigSection):
+    """A section of the run config: no unknown keys, validated assignments, finite floats only."""
 
 
 class ToyConfig(_Section):
@@ -154,6 +155,13 @@ class AlgorithmConfig(_Section):
         1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping of each optimiser step.")
+    max_skipped_steps: int = Field(
+        1,
+        ge=0,
+        description="Optimiser steps whose loss or gradient norm is NaN/inf are skipped (the weights and "
+        "optimiser state stay as they were) and counted (learner/skipped_steps, value/skipped_steps); more "
+        "than this many in one epoch, per optimiser, stops the run. 0: the first one stops it.",
+    )
     stat_buffer: int = Field(32, ge=1, description="ddpo: rewards kept per prompt by the stat tracker.")
     stat_min_count: int = Field(
         16, ge=1, description="ddpo: per-prompt stats used once a prompt has this many."
@@ -200,7 +208,8 @@ class RunConfig(_Section):
             "a red bicycle leaning on a wall",
             "a bowl of ramen, studio lighting",
         ],
-        description="Prompt set sampled from (round robin).",
+        min_length=1,
+        description="Prompt set sampled from (round robin); at least one.",
     )
 
 
@@ -227,6 +236,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        self._check_batch_layout()
         deterministic = self.sampler.eta == 0 or self.sampler.stepper == "heun"
         if self.sampler.stepper == "heun" and self.sampler.eta != 0:
             raise ValueError(
@@ -259,6 +269,30 @@ class Config(_Section):
                     f"reward.direction={self.reward.direction!r} must be a list of {d} floats (the toy's dim)"
                 )
         return self
+
+    def _check_batch_layout(self) -> None:
+        """Batch sizes that would fail mid-run fail here. The data-parallel learner gives each of its
+        workers an equal 1/W of every epoch's trajectories and of every micro-batch (W =
+        resources.num_learner_workers), so W divides both. A rollout batch (sampler.batch_size) or a
+        micro-batch that does not divide run.num_samples is fine: the last one is smaller."""
+        w = self.resources.num_learner_workers
+        if self.run.num_samples % w:
+            raise ValueError(
+                f"run.num_samples={self.run.num_samples} must be divisible by resources.num_learner_workers={w}: "
+                "each learner worker updates an equal shard of every epoch's trajectories"
+            )
+        if self.algorithm.micro_batch_size % w:
+            raise ValueError(
+                f"algorithm.micro_batch_size={self.algorithm.micro_batch_size} must be divisible by "
+                f"resources.num_learner_workers={w}: each worker takes micro_batch_size / {w} of every "
+                "micro-batch and the gradients are averaged, as one process would compute them"
+            )
+        if self.algorithm.stat_min_count > self.algorithm.stat_buffer:
+            raise ValueError(
+                f"algorithm.stat_min_count={self.algorithm.stat_min_count} must be <= "
+                f"algorithm.stat_buffer={self.algorithm.stat_buffer}: a prompt's own statistics are used once "
+                "it has stat_min_count rewards, and the buffer keeps only stat_buffer of them"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,18 +408,56 @@ def parse_set(item: str) -> dict[str, Any]:
     return out
 
 
+def _is_union_tag(part: Any) -> bool:
+    """Whether a pydantic error location part names a member of a union (float, list[float], ...)."""
+    return isinstance(part, str) and (part in ("float", "int", "str", "bool", "none") or "[" in part)
+
+
 def format_validation_error(exc: ValidationError) -> str:
-    lines = []
+    """One line per bad field: 'dotted.field=value: what is allowed'. A value that fails every member of a
+    union is reported once, with its first member's reason; checks of a whole section or of the whole
+    config name their fields in their own message."""
+    lines: list[str] = []
+    seen: set[str] = set()
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        lines.append(f"{loc}={err.get('input')!r}: {err['msg']}")
+        loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
+        if loc in seen:
+            continue
+        seen.add(loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "finite_number":
+            msg = "must be a finite number (NaN and +-inf are not allowed)"
+        value = err.get("input")
+        if not loc:
+            lines.append(msg)
+        elif err["type"] == "value_error" and isinstance(value, dict):
+            lines.append(f"{loc}: {msg}")
+        else:
+            lines.append(f"{loc}={value!r}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+def set_value(key: str, value: Any) -> dict[str, Any]:
+    """'a.b.c', value -> {'a': {'b': {'c': value}}}: an override whose value is taken as is (not YAML), such
+    as a path from a command-line option ('/data/run #2' stays '/data/run #2')."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"{key!r} is not a dotted name such as run.output_dir")
+    out: dict[str, Any] = value
+    for p in reversed(parts):
+        out = {p: out}
+    return out
+
+
 def build_config(
-    preset_name: str = "tiny", config_file: str | Path | None = None, overrides: list[str] | None = None
+    preset_name: str = "tiny",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
 ) -> Config:
-    """Preset, then YAML file, then --set overrides, validated. Raises ConfigError naming each bad field."""
+    """Preset, then YAML file, then --set overrides (values parsed as YAML), then `values` ({dotted key:
+    value}, taken literally: paths and other strings from options), validated. Raises ConfigError naming
+    each bad field."""
     data = preset(preset_name)
     if config_file is not None:
         path = Path(config_file)
@@ -397,6 +469,8 @@ def build_config(
         data = _merge(data, loaded)
     for item in overrides or []:
         data = _merge(data, parse_set(item))
+    for key, value in (values or {}).items():
+        data = _merge(data, set_value(key, value))
     return validate_config(data)
 
 

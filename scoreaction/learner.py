@@ -8,12 +8,14 @@ Precision: trainable weights stay fp32; log-probs, KL and advantages are fp32 wh
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from scoreaction.algorithms import (
@@ -28,6 +30,8 @@ from scoreaction.rewards import RewardFn
 from scoreaction.sampling import Policy, Trajectory, transition
 from scoreaction.sde import alpha_bar, eps_to_score, step_kl
 from scoreaction.value import ValueFunction, explained_variance
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -95,6 +99,59 @@ def lr_factor(schedule: str, epoch: int, epochs: int, final_ratio: float) -> flo
     return final_ratio + (1 - final_ratio) * shape
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """The sums of these numbers over the data-parallel learner ranks (unchanged in one process), so that
+    every rank takes the same decision (skip a step, stop the run) and no rank waits in a collective that
+    another one left."""
+    if _world_size() == 1:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def reward_label(cfg: Config) -> str:
+    """The optimised reward as the error messages name it: reward.name, or the weighted sum, and where it
+    is computed."""
+    r = cfg.reward
+    label = (
+        "reward.weights=" + " + ".join(f"{w:g}*{n}" for n, w in r.weights.items())
+        if r.weights
+        else f"reward.name={r.name!r}"
+    )
+    return label + (f" (scored by reward.service={r.service!r})" if r.service else "")
+
+
+def epoch_label(epoch: int | None) -> str:
+    if epoch is None:
+        return "an unnumbered batch"
+    return f"epoch {epoch}" + (" (value pre-training rollout)" if epoch < 0 else "")
+
+
+def _finite_rows(x: Tensor) -> Tensor:
+    """(B,) bool: whether every value of each row is finite. A row's sum is non-finite exactly when the row
+    holds a NaN or an inf (finite latents and rewards are far from float32's range), and summing needs no
+    copy of a (B, N + 1, C, h, w) trajectory."""
+    return torch.isfinite(x.detach().float().reshape(x.shape[0], -1).sum(1))
+
+
+def _examples(prompts: list[str], mask: Tensor, values: Tensor | None = None) -> str:
+    """' (e.g. 'a cat' -> nan, ...)': up to three of the flagged rows, with a non-finite value of each."""
+    parts = []
+    for i in mask.nonzero().flatten()[:3].tolist():
+        text = repr(prompts[i])
+        if values is not None:
+            row = values[i].detach().float().flatten()
+            text += f" -> {row[~torch.isfinite(row)][0].item()}"
+        parts.append(text)
+    return f" (e.g. {', '.join(parts)})" if parts else ""
+
+
 class Learner:
     """Holds the optimisers and the DDPO stat tracker; ``update`` runs one epoch's learning."""
 
@@ -134,6 +191,88 @@ class Learner:
         self.generator.set_state(state["generator"])
 
     # ----------------------------------------------------------------------------------------------
+    # Non-finite numbers
+    # ----------------------------------------------------------------------------------------------
+
+    def _epoch(self, epoch: int | None) -> int:
+        """The epoch being learned: the caller's, else the policy updates so far (= the epoch in both loops,
+        restored with the scheduler on resume)."""
+        return int(self.scheduler.last_epoch) if epoch is None else epoch
+
+    def check_batch(self, batch: Batch, epoch: int | None = None, *, over_ranks: bool = True) -> None:
+        """Raise NonFiniteError when a reward, an x0_hat reward prior, or a trajectory (latents, KL) of the
+        batch is NaN or +-inf, before anything is learned from it. Every update entry point calls it, so
+        both training loops (and any caller) are covered. over_ranks: the batch is this rank's shard, and
+        the counts are summed over the data-parallel ranks so that all of them stop together."""
+        rows = batch.traj.batch_size
+        bad_reward = ~torch.isfinite(batch.rewards.detach().float().reshape(rows, -1)).all(1)
+        bad_prior = (
+            ~torch.isfinite(batch.r_x0.detach().float().reshape(rows, -1)).all(1)
+            if batch.r_x0 is not None
+            else torch.zeros(rows, dtype=torch.bool)
+        )
+        bad_traj = ~_finite_rows(batch.traj.latents)
+        if "kl" in batch.traj.extras:
+            bad_traj |= ~_finite_rows(batch.traj.extras["kl"])
+        counts = [float(rows), float(bad_reward.sum()), float(bad_prior.sum()), float(bad_traj.sum())]
+        if over_ranks:
+            counts = sum_over_ranks(counts)
+        total, n_reward, n_prior, n_traj = (int(c) for c in counts)
+        if not (n_reward or n_prior or n_traj):
+            return
+        epoch = self._epoch(epoch)
+        where = epoch_label(epoch)
+        after = (
+            "; the run stops before any weight is updated from them (the last checkpoint is intact: "
+            "--resume continues from it)"
+        )
+
+        if n_reward:
+            raise NonFiniteError(
+                f"{reward_label(self.cfg)} returned a non-finite score (NaN or inf) for {n_reward} of {total} "
+                f"samples at {where}{_examples(batch.traj.prompts, bad_reward, batch.rewards.reshape(rows, -1))}"
+                f"{after}",
+                kind="reward",
+                epoch=epoch,
+                count=n_reward,
+                total=total,
+            )
+        if n_prior:
+            raise NonFiniteError(
+                f"{reward_label(self.cfg)} returned a non-finite score (NaN or inf) of x0_hat (the value "
+                f"function's reward prior, value.use_reward_prior) for {n_prior} of {total} samples at {where}"
+                f"{_examples(batch.traj.prompts, bad_prior, batch.r_x0.reshape(rows, -1))}{after}",
+                kind="reward_prior",
+                epoch=epoch,
+                count=n_prior,
+                total=total,
+            )
+        raise NonFiniteError(
+            f"the rollout of {where} holds non-finite latents or KL (NaN or inf) in {n_traj} of {total} "
+            f"trajectories{_examples(batch.traj.prompts, bad_traj)}: an overflow of the sampler's compute dtype "
+            f"(model.dtype={self.cfg.model.dtype!r}){after}",
+            kind="rollout",
+            epoch=epoch,
+            count=n_traj,
+            total=total,
+        )
+
+    def _too_many_skipped(self, which: str, skipped: int, steps: int, epoch: int | None) -> NonFiniteError:
+        limit = self.cfg.algorithm.max_skipped_steps
+        epoch = self._epoch(epoch)
+        return NonFiniteError(
+            f"{skipped} {which} optimiser steps of {epoch_label(epoch)} had a non-finite loss or gradient "
+            f"norm (NaN or inf) and were skipped (of {steps} so far), more than "
+            f"algorithm.max_skipped_steps={limit}; the run stops with the weights of the last good step "
+            "(the last checkpoint is intact: --resume continues from it). Lower the learning rates or "
+            "algorithm.max_grad_norm, or check the rewards and model.dtype",
+            kind="skipped_steps",
+            epoch=epoch,
+            count=skipped,
+            total=steps,
+        )
+
+    # ----------------------------------------------------------------------------------------------
     # Value function
     # ----------------------------------------------------------------------------------------------
 
@@ -150,9 +289,15 @@ class Learner:
             v = self.value_fn(t, x, emb, r_x0).view(b, n)
         return torch.cat([v, batch.rewards.float().to(dev)[:, None]], dim=1)
 
-    def update_value(self, batch: Batch) -> dict[str, float]:
-        """Regress V(t_k, x_k) to the reward-to-go r - kl_coef * sum_{j>=k} KL_j (k < N)."""
+    def update_value(self, batch: Batch, epoch: int | None = None) -> dict[str, float]:
+        """Regress V(t_k, x_k) to the reward-to-go r - kl_coef * sum_{j>=k} KL_j (k < N).
+
+        epoch: the epoch the batch belongs to (named by errors; default: the policy updates so far). A step
+        whose loss or gradient is not finite is skipped (value/skipped_steps)."""
+        self.check_batch(batch, epoch)
         vcfg, kl_coef = self.cfg.value, self.cfg.algorithm.kl_coef
+        params = [p for p in self.value_fn.parameters() if p.requires_grad]
+        skipped = steps = 0
         target = reward_to_go(batch.rewards.float(), batch.traj.extras["kl"].float(), kl_coef)[:, :-1]
         b = batch.traj.batch_size
         losses = []
@@ -168,12 +313,25 @@ class Learner:
                 loss = torch.nn.functional.mse_loss(pred, target[idx].to(pred.device))
                 self.value_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                steps += 1
+                grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+                (bad,) = sum_over_ranks([float(not (math.isfinite(loss.item()) and grads_finite))])
+                if bad:
+                    self.value_optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    logger.warning(
+                        "value step %d of %s skipped: non-finite loss or gradient", steps, epoch_label(epoch)
+                    )
+                    if skipped > self.cfg.algorithm.max_skipped_steps:
+                        raise self._too_many_skipped("value-function", skipped, steps, epoch)
+                    continue
                 self.value_optimizer.step()
                 losses.append(loss.item())
         pred = self.values(batch)[:, :-1].cpu()
         return {
             "value/loss": float(np.mean(losses)) if losses else float("nan"),
             "value/explained_variance": explained_variance(pred.flatten(), target.flatten()),
+            "value/skipped_steps": float(skipped),
         }
 
     # ----------------------------------------------------------------------------------------------
@@ -186,12 +344,14 @@ class Learner:
             return list(range(n))
         return sorted(torch.randperm(n, generator=self.generator)[:k].tolist())
 
-    def advantages(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def advantages(self, batch: Batch, epoch: int | None = None) -> tuple[Tensor, Tensor]:
         """Normalised, clipped advantages (B, N) and the per-step normalisation std (N,) of the ratio
         estimator: lambda-weighted TD advantages for ctrl (normalised per step index over the batch), the tracker's
         for ddpo (which updates the tracker). A data-parallel learner computes them once over the whole
         batch and hands each rank its rows (``update_policy(shard, advantages=...)``), so that several
-        learner workers take the same step as one."""
+        learner workers take the same step as one. Raises NonFiniteError on a non-finite reward first
+        (every rank holds the whole batch here, so all of them stop)."""
+        self.check_batch(batch, epoch, over_ranks=False)
         alg = self.cfg.algorithm
         kl = batch.traj.extras["kl"].float()
         if alg.name == "ddpo":
@@ -205,22 +365,29 @@ class Learner:
         return normalize_per_step(lambda_advantages(values, kl, alg.kl_coef, alg.gae_lambda), alg.adv_clip)
 
     def update_policy(
-        self, batch: Batch, advantages: tuple[Tensor, Tensor] | None = None
+        self, batch: Batch, advantages: tuple[Tensor, Tensor] | None = None, epoch: int | None = None
     ) -> dict[str, float]:
         """One epoch's policy update; then the learning-rate schedule advances by one epoch.
 
         advantages: (adv rows of this batch, per-step std) from ``advantages`` on a larger batch that this
-        one is a shard of; computed here from this batch when None. Unused by the value-gradient estimator."""
+        one is a shard of; computed here from this batch when None. Unused by the value-gradient estimator.
+        epoch: named by errors (default: the policy updates so far). A non-finite reward stops the run
+        (NonFiniteError) before any step; a step whose loss or gradient norm is not finite is skipped and
+        counted (learner/skipped_steps); more than algorithm.max_skipped_steps of them stop the run."""
+        self.check_batch(batch, epoch)
+        epoch = self._epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         alg = self.cfg.algorithm
         if alg.name == "ctrl" and alg.estimator == "value_gradient":
-            metrics = self._update_value_gradient(batch)
+            metrics = self._update_value_gradient(batch, epoch)
         else:
-            metrics = self._update_ratio(batch, advantages or self.advantages(batch))
+            metrics = self._update_ratio(batch, advantages or self.advantages(batch, epoch), epoch)
         self.scheduler.step()
         return {**metrics, "learner/lr": lr}
 
-    def _update_ratio(self, batch: Batch, advantages: tuple[Tensor, Tensor]) -> dict[str, float]:
+    def _update_ratio(
+        self, batch: Batch, advantages: tuple[Tensor, Tensor], epoch: int | None = None
+    ) -> dict[str, float]:
         alg = self.cfg.algorithm
         traj = batch.traj
         adv, adv_std = advantages
@@ -258,33 +425,81 @@ class Learner:
             stats["approx_kl"].append(float(approx_kl))
             return loss
 
-        return self._optimise(traj, step_loss, stats)
+        return self._optimise(traj, step_loss, stats, epoch)
 
     def _optimise(
         self,
         traj: Trajectory,
         step_loss: Callable[[Trajectory, Tensor, int, int], Tensor],
         stats: dict[str, list[float]],
+        epoch: int | None = None,
     ) -> dict[str, float]:
         """updates_per_epoch passes of shuffled micro-batches; per micro-batch the gradients of
-        step_loss(sub, idx, k, num_trained) accumulate over the trained steps k, then one clipped step."""
+        step_loss(sub, idx, k, num_trained) accumulate over the trained steps k, then one clipped step.
+
+        A micro-batch whose loss or gradient norm is not finite takes no step: its gradients are dropped, the
+        weights, the optimiser's moments and its step count stay as they were, and its statistics are not
+        logged; it counts in learner/skipped_steps. The decision is summed over the data-parallel ranks (the
+        gradient norm is the all-reduced one, the same everywhere, but each rank's loss is its own), so all
+        ranks skip together. A non-finite reward of x0_hat (the value gradient's prior) stops the run."""
         alg = self.cfg.algorithm
         params = self.policy.trainable_parameters()
         stats.setdefault("loss", [])
         stats.setdefault("grad_norm", [])
+        skipped = taken = 0
         for _ in range(alg.updates_per_epoch):
             for idx in torch.randperm(traj.batch_size, generator=self.generator).split(alg.micro_batch_size):
                 sub = traj.index(idx)
                 steps = self._steps(traj.num_steps)
+                logged = {k: len(v) for k, v in stats.items()}
+                self._prior_nonfinite = torch.zeros(len(idx), dtype=torch.bool)
                 self.optimizer.zero_grad(set_to_none=True)
+                losses_finite = True
                 for k in steps:
                     loss = step_loss(sub, idx, k, len(steps))
                     loss.backward()
                     stats["loss"].append(loss.item())
+                    losses_finite &= math.isfinite(stats["loss"][-1])
                 gn = torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)
                 stats["grad_norm"].append(float(gn))
+                bad_step, bad_prior, rows = sum_over_ranks(
+                    [
+                        float(not (losses_finite and math.isfinite(float(gn)))),
+                        float(self._prior_nonfinite.sum()),
+                        len(idx),
+                    ]
+                )
+                if bad_prior:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteError(
+                        f"{reward_label(self.cfg)} returned a non-finite score (NaN or inf) of x0_hat (the "
+                        f"value gradient's reward prior, value.use_reward_prior) for {int(bad_prior)} of "
+                        f"{int(rows)} samples of a micro-batch at {epoch_label(self._epoch(epoch))}; the run "
+                        "stops before any weight is updated from them (the last checkpoint is intact: --resume "
+                        "continues from it)",
+                        kind="reward_prior",
+                        epoch=self._epoch(epoch),
+                        count=int(bad_prior),
+                        total=int(rows),
+                    )
+                if bad_step:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for key, n in logged.items():
+                        del stats[key][n:]
+                    skipped += 1
+                    logger.warning(
+                        "policy step %d of %s skipped: non-finite loss or gradient norm (%s)",
+                        skipped + taken,
+                        epoch_label(self._epoch(epoch)),
+                        float(gn),
+                    )
+                    if skipped > alg.max_skipped_steps:
+                        raise self._too_many_skipped("policy", skipped, skipped + taken, epoch)
+                    continue
                 self.optimizer.step()
-        return {f"learner/{k}": float(np.mean(v)) for k, v in stats.items() if v}
+                taken += 1
+        out = {f"learner/{k}": float(np.mean(v)) for k, v in stats.items() if v}
+        return {**out, "learner/skipped_steps": float(skipped)}
 
     def _score(self, x: Tensor, t: Tensor, traj: Trajectory) -> Tensor:
         """The action: the guided score s_theta(t, x), float32."""
@@ -293,9 +508,9 @@ class Learner:
         eps = self.policy.predict_eps(x, t, traj.prompt_embeds.to(dev), neg, traj.guidance_scale)
         return eps_to_score(eps, alpha_bar(self.policy.schedule, torch.as_tensor(t)).to(dev))
 
-    def _update_value_gradient(self, batch: Batch) -> dict[str, float]:
+    def _update_value_gradient(self, batch: Batch, epoch: int | None = None) -> dict[str, float]:
         """Continuous-time estimator (ALGORITHM.md section 5); see ``value_gradient_surrogate``."""
-        return self._optimise(batch.traj, self.value_gradient_surrogate, {})
+        return self._optimise(batch.traj, self.value_gradient_surrogate, {}, epoch)
 
     def value_gradient_surrogate(self, sub: Trajectory, idx: Tensor, k: int, num_trained: int) -> Tensor:
         """A scalar whose gradient in theta is minus step k's share of
@@ -332,8 +547,14 @@ class Learner:
             eps = self.policy.predict_eps(x, t, emb, sub.negative_prompt_embeds, sub.guidance_scale)
             x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
             r_x0 = self.reward_fn(self.policy.decode(x0), sub.prompts)
+            # counted, not used: _optimise stops the run (on every rank) once the micro-batch's passes are done
+            self._prior_nonfinite |= ~torch.isfinite(
+                r_x0.detach().float().cpu().reshape(len(sub.prompts), -1)
+            ).all(1)
         v = self.value_fn(tb, x, emb, r_x0)
         (grad,) = torch.autograd.grad(v.sum(), x)
         return grad.detach().float()
 
     reward_fn: RewardFn | None = None  # set by the trainer: needed for grad_x R(x0_hat) in the value gradient
+    # rows of the current micro-batch whose R(x0_hat), computed by _grad_x_value, was not finite
+    _prior_nonfinite: Tensor = torch.zeros(0, dtype=torch.bool)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from scoreaction.config_base import ConfigSection
 
 
 def _check_custom(kind: str, value: dict[str, float]) -> dict[str, float]:
@@ -21,9 +23,7 @@ def _check_custom(kind: str, value: dict[str, float]) -> dict[str, float]:
     return value
 
 
-class ResourcesConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class ResourcesConfig(ConfigSection):
     num_rollout_workers: int = Field(1, ge=1, description="RolloutWorker actors (each holds a policy copy).")
     rollout_gpus: float = Field(
         0.0, ge=0, description="GPUs per rollout worker (fractions share a card; 0 on CPU)."

@@ -12,7 +12,9 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from scoreaction.config_base import ConfigSection
 
 RewardName = Literal[
     "linear",
@@ -27,8 +29,8 @@ RewardName = Literal[
 _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Options(ConfigSection):
+    """The options block of one model reward."""
 
 
 class AestheticOptions(_Options):
@@ -90,9 +92,7 @@ class ImageRewardOptions(_Options):
     )
 
 
-class RewardConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class RewardConfig(ConfigSection):
     name: RewardName = Field(
         "jpeg_compressibility",
         description="Reward to maximise: linear (toy: a^T x), jpeg_(in)compressibility, aesthetic, clip_score, "

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scoreaction.config import build_config
+from scoreaction.config import ConfigError, build_config
 from scoreaction.distributed.driver import _threads, one_host_threads
 from scoreaction.distributed.plan import (
     NodeInfo,
@@ -88,12 +88,13 @@ def test_plan_fails_when_no_single_node_holds_an_actor():
 
 
 def test_layout_checks_name_fields():
+    # the learner split is a config error now (scoreaction/config.py), raised before any plan is made
     with pytest.raises(
-        PlanError, match=r"run.num_samples=4095 must be divisible by resources.num_learner_workers=2"
+        ConfigError, match=r"run.num_samples=4095 must be divisible by resources.num_learner_workers=2"
     ):
-        validate_layout(_cfg("run.num_samples=4095", "resources.num_learner_workers=2"))
-    with pytest.raises(PlanError, match=r"algorithm.micro_batch_size=3 must be divisible"):
-        validate_layout(_cfg("algorithm.micro_batch_size=3", "resources.num_learner_workers=2"))
+        _cfg("run.num_samples=4095", "resources.num_learner_workers=2")
+    with pytest.raises(ConfigError, match=r"algorithm.micro_batch_size=3 must be divisible"):
+        _cfg("algorithm.micro_batch_size=3", "resources.num_learner_workers=2")
     with pytest.raises(PlanError, match="backend='nccl' needs GPUs"):
         validate_layout(_cfg("resources.backend=nccl"))
 
