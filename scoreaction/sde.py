@@ -1,12 +1,13 @@
 """Continuous-time VP SDE core: schedules, score <-> epsilon, guidance, steppers with exact log-probs.
 
-Notation follows ../shared/ALGORITHM.md sections 1-3:
+Notation (README.md, "The method in code", derives the method in it):
 
     t in [0, 1]            noise level; t = 0 is data, t = 1 is (almost) pure noise
     alpha_bar(t)           signal fraction; x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps
     beta(t) = g(t)^2       = -d log alpha_bar(t) / dt
     s(t, x)                score = -eps / sqrt(1 - alpha_bar(t))
     eta in (0, 1]          member of the reverse-process family; eta = 1 is the reverse-time SDE
+    reverse process        dX = [-beta X / 2 - (1 + eta^2) / 2 beta s] dt + eta sqrt(beta) dB   (dt < 0)
 
 Generation runs t from 1 down to 0. A step goes from t (noisier) to s (less noisy). Every transition is
 Gaussian, x_next ~ N(mean, std^2 I), and its log-density is computed in float32 whatever the model's

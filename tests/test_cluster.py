@@ -34,6 +34,14 @@ VM_CONFIGS = [CLUSTER / "vm" / "cluster.yaml", CLUSTER / "vm" / "local.yaml"]
 DOCKERFILE = CLUSTER / "docker" / "Dockerfile"
 SHARED_PVC = CLUSTER / "kuberay" / "shared-storage.yaml"
 SERVE_OVERLAY = CLUSTER / "kuberay" / "serve-overlay.yaml"
+NETWORK_POLICY = CLUSTER / "kuberay" / "network-policy.yaml"
+ENTRYPOINT = "cluster/kuberay/finetune_or_resume.py"  # the RayJob's: jobs/finetune.py, resuming on a retry
+# One Ray token (Secret) per side: whoever holds the training clusters' token must not control the service.
+RAY_TOKEN_SECRET = {
+    "RayJob": "scoreaction-ray-token",
+    "RayCluster": "scoreaction-ray-token",
+    "RayService": "scoreaction-serve-ray-token",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,6 +153,9 @@ def quantity(value: str | int | float) -> float:
         if s.endswith(suffix):
             return float(s[: -len(suffix)]) * factor
     return float(s)
+
+
+KINDS = {"rayjob": "RayJob", "rayservice": "RayService", "raycluster": "RayCluster"}
 
 
 @pytest.fixture(scope="module", params=sorted(MANIFESTS))
@@ -295,7 +306,7 @@ def test_a_wrong_api_version_fails():
 
 def test_token_auth_and_nothing_exposed_outside(manifest):
     cs = cluster_spec(manifest)
-    assert cs["authOptions"] == {"mode": "token", "secretName": "scoreaction-ray-token"}
+    assert cs["authOptions"] == {"mode": "token", "secretName": RAY_TOKEN_SECRET[manifest["kind"]]}
     head = cs["headGroupSpec"]
     assert head.get("serviceType") == "ClusterIP" and head.get("enableIngress") is False
     if manifest["kind"] == "RayService":
@@ -304,6 +315,336 @@ def test_token_auth_and_nothing_exposed_outside(manifest):
         assert [p["port"] for p in svc["ports"]] == [8000]  # the Serve HTTP port only, never 8265
     text = json.dumps(manifest)
     assert "LoadBalancer" not in text and "NodePort" not in text
+
+
+def test_the_service_and_the_training_clusters_have_separate_ray_tokens():
+    secrets = {
+        kind: cluster_spec(load(MANIFESTS[n]))["authOptions"]["secretName"] for n, kind in KINDS.items()
+    }
+    assert secrets == RAY_TOKEN_SECRET
+    assert secrets["RayService"] not in (secrets["RayJob"], secrets["RayCluster"])
+    # the submitter (outside the Ray cluster, so KubeRay does not inject the token) uses the job's own Secret
+    job = load(MANIFESTS["rayjob"])
+    (submitter,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in submitter["env"] if "valueFrom" in e}
+    assert refs["RAY_AUTH_TOKEN"] == {"name": RAY_TOKEN_SECRET["RayJob"], "key": "auth_token"}
+    # and every place that tells the reader how to make a Secret or fetch a token names the right one
+    for name in ("rayservice", "rayjob", "raycluster"):
+        text = MANIFESTS[name].read_text()
+        other = {"rayservice": "scoreaction-ray-token"}.get(name, "scoreaction-serve-ray-token")
+        assert not re.search(rf"(secret generic|get secret) {other}\b", text), (name, other)
+
+
+def api_key_env() -> str:
+    from serve.settings import API_KEY_ENV
+
+    return API_KEY_ENV
+
+
+def test_the_api_key_comes_from_a_secret_through_the_env_never_from_serve_config():
+    """Serve's REST API (GET /api/serve/applications/) and the RayService's status show serveConfigV2: the key
+    must not be there. Every container of the service that can host a replica gets it from the Secret."""
+    svc = load(MANIFESTS["rayservice"])
+    key_env = api_key_env()  # what serve/web.py reads at each request
+    for where, c, _ in containers(svc):
+        if where == "autoscaler":
+            continue
+        (entry,) = [e for e in c.get("env", []) if e["name"] == key_env]
+        assert "value" not in entry, f"{where}: {key_env} written into the manifest"
+        assert entry["valueFrom"] == {"secretKeyRef": {"name": "scoreaction-api-key", "key": "api_key"}}, (
+            where
+        )
+    serve_config = svc["spec"]["serveConfigV2"]
+    assert key_env not in serve_config and "api_key" not in serve_config.lower()
+    assert "runtime_env" not in serve_config  # nor any other environment variable by that route
+    # the training side never holds the serving key
+    for name in ("rayjob", "raycluster"):
+        assert key_env not in json.dumps(load(MANIFESTS[name])), name
+
+
+# --------------------------------------------------------------------------------------------------
+# NetworkPolicy (a core Kubernetes kind: its structure is checked here, then what it admits)
+# --------------------------------------------------------------------------------------------------
+
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": _LABELS,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+_PEER = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": {
+        "podSelector": _SELECTOR,
+        "namespaceSelector": _SELECTOR,
+        "ipBlock": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["cidr"],
+            "properties": {
+                "cidr": {"type": "string"},
+                "except": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    },
+}
+_PORT = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+        "port": {"type": ["integer", "string"]},
+        "endPort": {"type": "integer"},
+    },
+}
+_RULE = {"type": "array", "items": {"type": "object", "additionalProperties": False}}
+# networking.k8s.io/v1 NetworkPolicy, as the API server's OpenAPI schema has it (what these manifests use)
+NETWORK_POLICY_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"},
+        "kind": {"const": "NetworkPolicy"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _LABELS},
+            "additionalProperties": False,
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["podSelector"],
+            "properties": {
+                "podSelector": _SELECTOR,
+                "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+                "ingress": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "from": {"type": "array", "items": _PEER},
+                            "ports": {"type": "array", "items": _PORT},
+                        },
+                    },
+                },
+                "egress": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "to": {"type": "array", "items": _PEER},
+                            "ports": {"type": "array", "items": _PORT},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def network_policies() -> list[dict]:
+    return [d for d in yaml.safe_load_all(NETWORK_POLICY.read_text()) if d]
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics ({} selects everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {
+            "In": has and value in e.get("values", []),
+            "NotIn": not has or value not in e.get("values", []),
+            "Exists": has,
+            "DoesNotExist": not has,
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def admitted(policies: list[dict], pod: dict, source: dict, port: int) -> bool:
+    """Whether `source` ({"labels", "namespace"}; None for a client outside the cluster) may open a TCP
+    connection to `port` of `pod` ({"labels"}, in the namespace "ns") under the ingress policies."""
+    applying = [
+        p
+        for p in policies
+        if selects(p["spec"]["podSelector"], pod["labels"])
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not applying:
+        return True  # no policy selects the pod: Kubernetes admits everything
+    for p in applying:
+        for rule in p["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(
+                x.get("protocol", "TCP") == "TCP" and x.get("port") in (None, port) for x in ports
+            ):
+                continue
+            peers = rule.get("from")
+            if peers is None:
+                return True  # any source
+            for peer in peers:
+                if source is None or "ipBlock" in peer:
+                    continue  # outside clients only through ipBlock, which these policies never use
+                ns_ok = (
+                    selects(peer["namespaceSelector"], source["namespace_labels"])
+                    if "namespaceSelector" in peer
+                    else source["namespace"] == "ns"
+                )
+                if ns_ok and selects(peer.get("podSelector", {}), source["labels"]):
+                    return True
+    return False
+
+
+def scoreaction_pods() -> dict[str, dict]:
+    """Every pod the three manifests make, by '<manifest> <pod>', with its labels (namespace "ns")."""
+    return {
+        f"{name} {where}": {"labels": tpl["metadata"]["labels"]}
+        for name in sorted(MANIFESTS)
+        for where, tpl in pod_templates(load(MANIFESTS[name]))
+    }
+
+
+def pod_source(pod: dict) -> dict:
+    return {
+        "labels": pod["labels"],
+        "namespace": "ns",
+        "namespace_labels": {"kubernetes.io/metadata.name": "ns"},
+    }
+
+
+OPERATOR = {
+    "labels": {"app.kubernetes.io/name": "kuberay-operator"},
+    "namespace": "kuberay-system",
+    "namespace_labels": {"kubernetes.io/metadata.name": "kuberay-system"},
+}
+# Ray's ports: GCS, dashboard, client, metrics, dashboard agent, a worker port, object manager; and Serve's
+RAY_PORTS = [6379, 8265, 10001, 8080, 52365, 10002, 8076]
+SERVE_PORT = 8000
+
+
+def test_network_policies_are_well_formed():
+    policies = network_policies()
+    assert len(policies) >= 3
+    for p in policies:
+        jsonschema.validate(p, NETWORK_POLICY_SCHEMA)
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", p["metadata"]["name"]), p["metadata"]["name"]
+        assert p["spec"]["policyTypes"] == ["Ingress"]  # egress stays open (DNS, image pulls, the API server)
+    assert len({p["metadata"]["name"] for p in policies}) == len(policies)
+    # a default deny for every scoreaction pod: nothing is admitted that a rule does not name
+    assert any(
+        p["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "scoreaction"}}
+        and not p["spec"]["ingress"]
+        for p in policies
+    )
+    # the schema has teeth
+    bad = copy.deepcopy(policies[1])
+    bad["spec"]["ingress"][0]["form"] = bad["spec"]["ingress"][0].pop("from")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, NETWORK_POLICY_SCHEMA)
+
+
+def test_selector_and_admission_semantics():
+    assert selects({}, {"a": "b"}) and selects({"matchLabels": {"a": "b"}}, {"a": "b", "c": "d"})
+    assert not selects({"matchLabels": {"a": "b"}}, {"a": "c"})
+    assert selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["x", "y"]}]}, {"a": "y"})
+    assert not selects({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {})
+    open_8000 = {
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 8000}]}]}
+    }
+    pod = {"labels": {"x": "y"}}
+    assert admitted([open_8000], pod, None, 8000) and not admitted([open_8000], pod, None, 8265)
+    assert admitted([], pod, None, 8265)  # unselected pods are open: hence the default deny
+
+
+def test_network_policy_admits_only_the_serve_port_from_outside():
+    policies = network_policies()
+    pods = scoreaction_pods()
+    # rayjob: head, workers, submitter; rayservice: head, workers; raycluster: head, workers
+    assert len(pods) == 7, sorted(pods)
+    stranger = {"labels": {"app": "something-else"}, "namespace": "other", "namespace_labels": {}}
+    neighbour = {"labels": {"app": "something-else"}, "namespace": "ns", "namespace_labels": {}}
+    for where, pod in pods.items():
+        assert any(selects(p["spec"]["podSelector"], pod["labels"]) for p in policies), f"{where}: no policy"
+        serving = pod["labels"].get("app.kubernetes.io/instance") == "scoreaction-serve"
+        for source in (None, stranger, neighbour):
+            # the serve port of the service's pods, and nothing else, from outside the Ray clusters
+            assert admitted(policies, pod, source, SERVE_PORT) == serving, (where, source)
+            for port in RAY_PORTS:
+                assert not admitted(policies, pod, source, port), (where, port, source)
+
+
+def test_network_policy_keeps_each_ray_cluster_to_itself():
+    policies = network_policies()
+    pods = scoreaction_pods()
+    for to_where, to_pod in pods.items():
+        for from_where, from_pod in pods.items():
+            same = (
+                to_pod["labels"]["app.kubernetes.io/instance"]
+                == from_pod["labels"]["app.kubernetes.io/instance"]
+            )
+            for port in RAY_PORTS:
+                # Ray needs every port between the pods of one cluster (the submitter -> the head's 8265
+                # included), and no cluster reaches another's GCS, dashboard or workers
+                assert admitted(policies, to_pod, pod_source(from_pod), port) == same, (
+                    from_where,
+                    to_where,
+                    port,
+                )
+    # the training clusters are one instance each, the service another: the RayJob's pods share one
+    instances = {where.split()[0]: pod["labels"]["app.kubernetes.io/instance"] for where, pod in pods.items()}
+    assert len(set(instances.values())) == 3
+
+
+def test_network_policy_lets_the_kuberay_operator_reach_the_heads_dashboard_only():
+    policies = network_policies()
+    for where, pod in scoreaction_pods().items():
+        head = where.endswith(" head")
+        assert admitted(policies, pod, OPERATOR, 8265) == head, where
+        assert not admitted(policies, pod, OPERATOR, 6379), where
+    # a pod without the operator's label is not let in, even in the operator's namespace
+    impostor = {"labels": {"app": "x"}, "namespace": "kuberay-system", "namespace_labels": {}}
+    assert not any(admitted(policies, pod, impostor, 8265) for pod in scoreaction_pods().values())
+
+
+def test_a_network_policy_opening_the_dashboard_fails_the_check():
+    policies = network_policies() + [
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "oops"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "scoreaction"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"ports": [{"port": 8265}]}],
+            },
+        }
+    ]
+    pods = scoreaction_pods()
+    assert any(admitted(policies, pod, None, 8265) for pod in pods.values())
 
 
 def test_every_container_is_non_root_read_only_and_limited(manifest):
@@ -388,9 +729,9 @@ def test_dockerfile_python_matches_the_project():
 
 
 def entrypoint_args(manifest: dict) -> list[str]:
-    """The arguments of `python jobs/finetune.py ...` in the RayJob's entrypoint."""
+    """The arguments of jobs/finetune.py in the RayJob's entrypoint (`python ENTRYPOINT ARGS`)."""
     argv = shlex.split(manifest["spec"]["entrypoint"])
-    assert argv[:2] == ["python", "jobs/finetune.py"], argv
+    assert argv[:2] == ["python", ENTRYPOINT], argv
     return argv[2:]
 
 
@@ -423,6 +764,66 @@ def test_rayjob_lifecycle_fields():
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["submissionMode"] == "K8sJobMode"
     assert spec["activeDeadlineSeconds"] > 0
+    # a failed Ray job is retried (KubeRay: a new Ray cluster, the same entrypoint), and the entrypoint resumes
+    assert spec["backoffLimit"] >= 1
+    assert "--resume" not in shlex.split(spec["entrypoint"])  # added per attempt, when there is a checkpoint
+    assert shlex.split(spec["entrypoint"])[:2] == ["python", ENTRYPOINT]
+
+
+def entrypoint_wrapper():
+    """cluster/kuberay/finetune_or_resume.py as a module (it is a script in the image, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_or_resume", ROOT / ENTRYPOINT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("storage", ["output-dir", "storage_path"])
+def test_rayjob_entrypoint_starts_a_new_run_and_resumes_when_there_are_checkpoints(
+    tmp_path, storage, tiny_policy
+):
+    """First attempt: no checkpoint, no --resume (jobs/finetune.py refuses to resume from nothing). A retry
+    after a checkpoint: --resume (a plain start would refuse to overwrite it). Decided in the folder where the
+    run's checkpoints are, also when run.storage_path puts them elsewhere (as cluster/configs/sd15-lora.yaml
+    does). The checkpoint is a real one, written by the library."""
+    from scoreaction.checkpoint import save_checkpoint
+    from scoreaction.distributed.driver import check_run_dir
+
+    wrapper = entrypoint_wrapper()
+    out = tmp_path / "runs" / "my-run"
+    argv = ["--preset", "tiny", "--output-dir", str(out)]
+    if storage == "storage_path":
+        argv += ["--set", f"run.storage_path={tmp_path / 'storage'}"]
+    cfg = wrapper.build_config("tiny", None, argv[4:][1::2], {"run.output_dir": str(out)})
+    checkpoint_dir = wrapper.checkpoint_dir_for(cfg, out)
+    if storage == "storage_path":
+        assert checkpoint_dir.is_relative_to(tmp_path / "storage")
+
+    # attempt 1: an empty folder starts the run, and jobs/finetune.py's own check agrees that it may
+    assert wrapper.with_resume(argv) == argv
+    assert check_run_dir(cfg, checkpoint_dir, resume=False) is None
+    # attempt 2, after a checkpoint: resume, since starting over would be refused
+    step = save_checkpoint(tiny_policy, checkpoint_dir / "step_000001", step=1)
+    (checkpoint_dir / "latest").write_text(step.name + "\n")
+    assert wrapper.with_resume(argv) == [*argv, "--resume"]
+    assert "already holds" in wrapper.refusal_to_start(argv)
+    # what needs no decision passes through unchanged
+    for extra in (["--dry-run"], ["--resume"], ["--single-process"]):
+        assert wrapper.with_resume(argv + extra) == argv + extra
+    # a config jobs/finetune.py rejects is left to it (its message, its exit code)
+    bad = [*argv, "--set", "run.epochs=-1"]
+    assert wrapper.with_resume(bad) == bad
+
+
+def test_rayjob_entrypoint_passes_everything_else_to_jobs_finetune(monkeypatch):
+    wrapper = entrypoint_wrapper()
+    seen = []
+    monkeypatch.setattr(wrapper.finetune, "main", lambda argv: seen.append(argv) or 7)
+    monkeypatch.setattr(wrapper, "refusal_to_start", lambda argv: "holds step_000004")
+    assert wrapper.main(["--preset", "tiny", "--output-dir", "/x"]) == 7  # its exit code
+    assert seen == [["--preset", "tiny", "--output-dir", "/x", "--resume"]]
 
 
 def merge_overlay(base: Any, overlay: Any) -> Any:
@@ -585,12 +986,19 @@ def test_dockerfile_copies_existing_files_and_installs_like_the_makefile():
         "jobs/",
         "serve/",
         "cluster/configs/",
+        ENTRYPOINT,
     } <= set(sources)
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: no such file in the repository"
         assert not dockerignore_excludes(src.rstrip("/")), f"COPY {src}: excluded by .dockerignore"
     # every file the manifests' entrypoint needs is in the image
-    for rel in ("jobs/finetune.py", "cluster/configs/sd15-lora.yaml", "serve/app.py", "serve/config.yaml"):
+    for rel in (
+        "jobs/finetune.py",
+        ENTRYPOINT,
+        "cluster/configs/sd15-lora.yaml",
+        "serve/app.py",
+        "serve/config.yaml",
+    ):
         assert not dockerignore_excludes(rel), rel
     for rel in (".venv/bin/python", "outputs/demo/summary.json", ".git/HEAD", "tests/test_cluster.py"):
         assert dockerignore_excludes(rel), f"{rel} would be sent to the Docker daemon"

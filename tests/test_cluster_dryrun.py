@@ -81,7 +81,8 @@ def test_manifest_shape_is_what_the_plan_needs():
 def test_dry_run_of_the_rayjob_entrypoint_fits_the_simulated_cluster(simulated_cluster):
     cluster, _, workers = simulated_cluster
     argv = shlex.split(yaml.safe_load(RAYJOB.read_text())["spec"]["entrypoint"])
-    assert argv[:2] == ["python", "jobs/finetune.py"]
+    # jobs/finetune.py through the RayJob's entrypoint wrapper (which adds --resume on a retry)
+    assert argv[:2] == ["python", "cluster/kuberay/finetune_or_resume.py"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ADDRESS=cluster.address, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
