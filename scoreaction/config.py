@@ -1,6 +1,8 @@
 """Run configuration: pydantic models with one documented field per knob, presets, YAML and --set overrides.
 
-Every field's description becomes ``--help`` text. Names follow ../shared/ALGORITHM.md.
+Every field's description becomes ``--help`` text. Names follow the notation of README.md ("The method in
+code"): t in [0, 1] with t = 0 data, ``kl_coef`` the KL weight of J = E[r] - kl_coef KL, ``sampler.eta`` the
+member of the reverse-process family (1: reverse SDE, 0: probability-flow ODE).
 """
 
 from __future__ import annotations
