@@ -132,7 +132,7 @@ class AlgorithmConfig(_Section):
         ge=0,
         le=1,
         description="ctrl: advantages sum_j lam^(j-k) delta_j of the TD advantages delta (0: TD advantages as in "
-        "ALGORITHM.md; 1: Monte-Carlo return less the value, unbiased whatever the value's error).",
+        "the paper; 1: Monte-Carlo return less the value, unbiased whatever the value's error).",
     )
     adv_clip: float = Field(
         5.0, gt=0, description="Advantages are clipped to +-adv_clip after normalisation."
@@ -327,7 +327,7 @@ def _tiny() -> dict[str, Any]:
 
 
 def _toy_gmm() -> dict[str, Any]:
-    """ALGORITHM.md section 7: w = (.5, .5), mu = -2, +2, std .5, a = 1, beta_kl = 2."""
+    """README.md, "The toy with a known optimum": w = (.5, .5), mu = -2, +2, std .5, a = 1, kl_coef = 2."""
     return {
         "model": {"preset": "toy-gmm"},
         "sampler": {"stepper": "euler_maruyama", "num_steps": 20, "guidance_scale": 1.0, "batch_size": 4096},
