@@ -97,7 +97,7 @@ class Trainer:
     def pretrain_value(self) -> None:
         """Fit F_phi on rollouts of the frozen (initial) policy before fine-tuning (ctrl: ddpo has no value)."""
         for i in range(self.cfg.value.pretrain_epochs if self.cfg.uses_value else 0):
-            metrics = self.learner.update_value(self.rollout(-1 - i))
+            metrics = self.learner.update_value(self.rollout(-1 - i), epoch=-1 - i)
             logger.info("value pretraining %d: %s", i, metrics)
 
     def epoch(self, epoch: int) -> dict[str, float]:
@@ -116,9 +116,9 @@ class Trainer:
         }
         t1 = time.perf_counter()
         if self.cfg.uses_value and self.cfg.value.updates_per_epoch > 0:
-            metrics.update(self.learner.update_value(batch))
+            metrics.update(self.learner.update_value(batch, epoch=epoch))
         t2 = time.perf_counter()
-        metrics.update(self.learner.update_policy(batch))
+        metrics.update(self.learner.update_policy(batch, epoch=epoch))
         t3 = time.perf_counter()
         self.samples_seen += batch.traj.batch_size
         metrics.update(

@@ -81,3 +81,70 @@ def test_malformed_set_and_missing_file(tmp_path):
         parse_set("sampler.num_steps")
     with pytest.raises(ConfigError, match="does not exist"):
         build_config("tiny", tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "items, pattern",
+    [
+        (["run.prompts=[]"], r"\n  run.prompts=\[\]: List should have at least 1 item"),
+        (
+            ["run.num_samples=30", "resources.num_learner_workers=4", "algorithm.micro_batch_size=8"],
+            r"\n  run.num_samples=30 must be divisible by resources.num_learner_workers=4: each learner worker",
+        ),
+        (
+            ["run.num_samples=32", "resources.num_learner_workers=4", "algorithm.micro_batch_size=6"],
+            r"\n  algorithm.micro_batch_size=6 must be divisible by resources.num_learner_workers=4",
+        ),
+        (
+            ["algorithm.stat_buffer=8", "algorithm.stat_min_count=16"],
+            r"\n  algorithm.stat_min_count=16 must be <= algorithm.stat_buffer=8",
+        ),
+    ],
+)
+def test_empty_prompts_and_batch_sizes_that_do_not_divide_are_config_errors(items, pattern):
+    """Caught when the config is built, before anything starts; the message is the check's own (no dump of
+    the whole config)."""
+    with pytest.raises(ConfigError, match=pattern) as info:
+        build_config("tiny", overrides=items)
+    assert "{" not in str(info.value)
+
+
+def test_rollout_batches_and_micro_batches_need_not_divide_the_epoch():
+    """The last rollout batch and the last micro-batch are smaller: no error (tests/test_learner.py runs
+    such an epoch)."""
+    cfg = build_config(
+        "tiny", overrides=["run.num_samples=10", "sampler.batch_size=4", "algorithm.micro_batch_size=3"]
+    )
+    assert (cfg.run.num_samples, cfg.sampler.batch_size, cfg.algorithm.micro_batch_size) == (10, 4, 3)
+
+
+def test_literal_values_are_not_yaml_and_set_values_still_are():
+    cfg = build_config(
+        "tiny",
+        overrides=["run.prompts=[a cat, a dog]", "algorithm.kl_coef=1e-3", "run.output_dir=/set/value"],
+        values={"run.output_dir": "/data/run #2"},
+    )
+    assert cfg.run.output_dir == "/data/run #2"
+    assert cfg.run.prompts == ["a cat", "a dog"] and cfg.algorithm.kl_coef == 0.001
+    for literal in ("null", "~", "yes", "123", "[a, b]", "{a: 1}", "run: x"):
+        assert build_config("tiny", values={"run.output_dir": literal}).run.output_dir == literal
+
+
+def test_every_config_section_rejects_non_finite_floats():
+    """The shared base (scoreaction/config_base.py) covers every section, nested ones included;
+    tests/test_nonfinite.py checks every float field."""
+    from pydantic import BaseModel
+
+    from scoreaction.config_base import ConfigSection
+
+    def sections(model: type[BaseModel]):
+        yield model
+        for field in model.model_fields.values():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from sections(ann)
+
+    found = list(sections(Config))
+    assert len(found) > 10
+    for model in found:
+        assert issubclass(model, ConfigSection) and model.model_config["allow_inf_nan"] is False, model

@@ -138,3 +138,34 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, args, message):
     assert finetune.main([*args, "--output-dir", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["distributed", "single-process"])
+@pytest.mark.parametrize("name", ["run #2", "null", "yes", "[a]", "123", "a: b"])
+def test_output_dir_is_a_path_never_yaml(tmp_path, monkeypatch, name, single):
+    """--output-dir is taken literally ("/data/run #2" is not "/data/run"); --set values stay YAML."""
+    seen = {}
+
+    def fake_run(cfg, out, *args):
+        seen.update(cfg=cfg, out=out)
+        return {
+            "algorithm": "ctrl",
+            "preset": "tiny",
+            "epochs": 0,
+            "samples": 0,
+            "final": {"reward_mean": 0.0, "kl_mean": 0.0, "objective": 0.0},
+        }
+
+    monkeypatch.setattr(finetune, "run_single_process" if single else "run", fake_run)
+    out = tmp_path / name
+    args = [
+        "--output-dir",
+        str(out),
+        "--set",
+        "run.prompts=[a cat, a dog]",
+        "--set",
+        "algorithm.kl_coef=1e-3",
+    ]
+    assert finetune.main([*args, *(["--single-process"] if single else [])]) == 0
+    assert seen["cfg"].run.output_dir == str(out) and seen["out"] == out
+    assert seen["cfg"].run.prompts == ["a cat", "a dog"] and seen["cfg"].algorithm.kl_coef == 0.001

@@ -195,3 +195,26 @@ def test_value_gradient_estimator_matches_a_finite_difference_of_j():
     estimate = -(float((last.weight.grad * v["weight"]).sum()) + float((last.bias.grad * v["bias"]).sum()))
     print(f"\ndJ/d(delta): finite difference {fd:.4f}, value-gradient estimator {estimate:.4f}")
     assert estimate == pytest.approx(fd, rel=0.03)
+
+
+@pytest.mark.parametrize("algorithm", ["ctrl", "ddpo"])
+def test_rollout_and_micro_batches_that_do_not_divide_the_epoch_run(tmp_path, algorithm):
+    """10 samples in rollout batches of 4 and micro-batches of 3: the last of each is smaller, and the epoch
+    runs (the config accepts it; only the learner split must divide, see tests/test_config.py)."""
+    cfg = build_config(
+        "toy-gmm",
+        overrides=[
+            f"algorithm.name={algorithm}",
+            "run.num_samples=10",
+            "sampler.batch_size=4",
+            "algorithm.micro_batch_size=3",
+            "sampler.num_steps=3",
+            "value.updates_per_epoch=1",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
+    trainer = Trainer(cfg, tmp_path)
+    before = _snapshot(trainer.policy)
+    metrics = trainer.epoch(0)
+    assert trainer.samples_seen == 10 and metrics["learner/skipped_steps"] == 0
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.policy.named_parameters())

@@ -190,7 +190,9 @@ class LearnerLoop:
     def pretrain_value(self) -> None:
         for i in range(self.cfg.value.pretrain_epochs if self.cfg.uses_value else 0):
             batch, _ = self._scored_batch(-1 - i)
-            metrics = mean_over_ranks(self.learner.update_value(shard(batch, self.rank, self.world)))
+            metrics = mean_over_ranks(
+                self.learner.update_value(shard(batch, self.rank, self.world), epoch=-1 - i)
+            )
             logger.info("value pretraining %d: %s", i, metrics)
 
     def epoch(self, epoch: int) -> dict[str, float]:
@@ -201,9 +203,9 @@ class LearnerLoop:
         t1 = time.perf_counter()
         learned: dict[str, float] = {}
         if self.cfg.uses_value and self.cfg.value.updates_per_epoch > 0:
-            learned.update(self.learner.update_value(local))
+            learned.update(self.learner.update_value(local, epoch=epoch))
         t2 = time.perf_counter()
-        learned.update(self.learner.update_policy(local, self._shard_advantages(batch)))
+        learned.update(self.learner.update_policy(local, self._shard_advantages(batch), epoch=epoch))
         t3 = time.perf_counter()
         sync_s = self._publish()
         t4 = time.perf_counter()
