@@ -115,7 +115,27 @@ class RewardConfig(ConfigSection):
         description="Score in a shared reward service instead of in-process: an http(s):// URL of the rewards "
         "app, or its Ray Serve application name (inside the same Ray cluster).",
     )
-    service_timeout_s: float = Field(300.0, gt=0, description="Timeout of one call to the reward service.")
+    service_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Deadline of one whole call to the reward service, retries included: while the service "
+        "is down, stalls or answers 502/503/504 the client waits and retries (the run pauses) for up to this "
+        "long, then the run stops with an error.",
+    )
+    service_attempt_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest wait for the service's bytes within one attempt (a stalled attempt is retried).",
+    )
+    service_max_backoff_s: float = Field(
+        30.0, gt=0, description="Longest pause between retries when the service sends no Retry-After."
+    )
+    service_api_key_env: str = Field(
+        "SCOREACTION_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the reward service's API key (sent as a Bearer token when "
+        "set; the key itself is never part of the config, the logs or error messages).",
+    )
     device: str = Field(
         "auto", description="Device of reward models: auto (cuda if available, else cpu), cpu, cuda:1..."
     )

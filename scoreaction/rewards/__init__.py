@@ -89,7 +89,7 @@ def _build_part(name: str, cfg: RewardConfig) -> Reward:
     if cfg.service:
         from scoreaction.rewards.service_client import service_reward
 
-        return service_reward(cfg.service, name, cfg.service_timeout_s)
+        return service_reward(cfg.service, name, cfg)
     return build_named(name, cfg)
 
 
