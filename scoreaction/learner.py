@@ -548,9 +548,9 @@ class Learner:
             x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
             r_x0 = self.reward_fn(self.policy.decode(x0), sub.prompts)
             # counted, not used: _optimise stops the run (on every rank) once the micro-batch's passes are done
-            self._prior_nonfinite |= ~torch.isfinite(
-                r_x0.detach().float().cpu().reshape(len(sub.prompts), -1)
-            ).all(1)
+            bad = ~torch.isfinite(r_x0.detach().float().cpu().reshape(len(sub.prompts), -1)).all(1)
+            seen = self._prior_nonfinite
+            self._prior_nonfinite = seen | bad if seen.shape == bad.shape else bad
         v = self.value_fn(tb, x, emb, r_x0)
         (grad,) = torch.autograd.grad(v.sum(), x)
         return grad.detach().float()
