@@ -315,3 +315,52 @@ def test_run_completes_every_epoch_through_a_flaky_reward_service(tmp_path, tiny
     assert flaky["final"]["reward_mean"] == local["final"]["reward_mean"]
     assert flaky["final"]["kl_mean"] == local["final"]["kl_mean"]
     assert sum("waiting" in r.getMessage() for r in caplog.records) == 7
+
+
+def test_handle_client_retries_backpressure_and_timeouts_and_checks_scores(caplog):
+    """reward.service=APP_NAME (a DeploymentHandle) gets the same retries, deadline and score checks."""
+    from ray.exceptions import GetTimeoutError
+    from ray.serve.exceptions import BackPressureError
+
+    from scoreaction.rewards.service_client import HandleReward, RetryPolicy
+
+    class Response:
+        def __init__(self, outcome) -> None:
+            self.outcome, self.cancelled = outcome, False
+
+        def result(self, timeout_s: float):
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            return self.outcome
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class Handle:  # what serve.get_app_handle returns, scripted
+        def __init__(self, outcomes: list) -> None:
+            self.outcomes, self.calls = outcomes, 0
+
+            class Method:
+                def remote(_, *args):
+                    self.calls += 1
+                    return Response(self.outcomes.pop(0))
+
+            self.score = Method()
+
+    images = _images()
+    good = {"scores": images.mean(dim=(1, 2, 3)), "info": {}}
+    client = HandleReward.__new__(HandleReward)
+    client.app_name, client.name = "rewards", "jpeg_incompressibility"
+    client.policy = RetryPolicy(timeout_s=10, attempt_timeout_s=1, max_backoff_s=0.1)
+    client.handle = Handle([BackPressureError(3, 2, 503, 0.3), GetTimeoutError("slow"), good])
+    with caplog.at_level(logging.WARNING, logger="scoreaction.rewards.service_client"):
+        torch.testing.assert_close(client(images, PROMPTS), good["scores"], rtol=0, atol=0)
+    assert client.handle.calls == 3
+    assert "overloaded (Request dropped due to backpressure" in caplog.text and "waiting 0.3 s" in caplog.text
+    client.handle = Handle([{"scores": torch.tensor([1.0, float("nan"), 2.0]), "info": {}}])
+    with pytest.raises(RewardError, match="app 'rewards' returned 1 non-finite scores of 3 .*image 1: nan"):
+        client(images, PROMPTS)
+    client.policy = RetryPolicy(timeout_s=0.5, attempt_timeout_s=1, max_backoff_s=0.1)
+    client.handle = Handle([BackPressureError(3, 2, 503, None)] * 100)
+    with pytest.raises(RewardError, match="app 'rewards': no answer within reward.service_timeout_s=0.5 s"):
+        client(images, PROMPTS)
