@@ -24,7 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scoreaction.checkpoint import latest_checkpoint  # noqa: E402
 from scoreaction.config import PRESETS, Config, ConfigError, build_config  # noqa: E402
 from scoreaction.distributed.plan import (  # noqa: E402
     PlanError,
@@ -136,18 +135,13 @@ def cluster_nodes(cfg: Config) -> tuple[list, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_single_process(cfg: Config, out: Path) -> dict:
-    """The reference loop in one process (no Ray), with a progress bar per epoch."""
+def run_single_process(cfg: Config, out: Path, resume: bool = False) -> dict:
+    """The reference loop in one process (no Ray), with a progress bar per epoch. The Trainer owns the run
+    folder (refusing one that holds checkpoints unless resume) and resumes from its last checkpoint."""
     from tqdm import tqdm
 
     from scoreaction.trainer import Trainer
 
-    if latest_checkpoint(out) is not None:
-        raise ResumeError(
-            f"--output-dir {str(out)!r} already holds a run's checkpoints ({latest_checkpoint(out)}); "
-            "choose another folder (--resume needs the distributed path). Nothing was overwritten."
-        )
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, out)
     bar = tqdm(total=cfg.run.epochs, desc=f"{cfg.algorithm.name} on {cfg.model.preset}", unit="epoch")
 
@@ -156,7 +150,7 @@ def run_single_process(cfg: Config, out: Path) -> dict:
         bar.update(1)
 
     try:
-        return trainer.fit(progress)
+        return trainer.fit(progress, resume=resume)
     finally:
         bar.close()
 
@@ -209,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             check_fit(build_plan(cfg), nodes)
             return 0
         if args.single_process:
-            if args.resume:
-                raise ConfigError("--resume works with the distributed path only; drop --single-process")
-            summary = run_single_process(cfg, out)
+            summary = run_single_process(cfg, out, args.resume)
         else:
             summary = run(cfg, out, args.resume)
     except (ConfigError, PlanError, ResumeError, ConnectError, ValueError) as exc:

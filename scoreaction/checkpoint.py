@@ -9,12 +9,17 @@ Layout of one checkpoint folder:
 A run keeps its checkpoints under ``<output_dir>/checkpoints/step_<N>/`` with a ``latest`` file naming the
 newest complete one. Each folder is written to a temporary sibling and renamed into place, and ``latest``
 is replaced (os.replace) only afterwards, so a kill at any moment never leaves a broken "latest".
+``latest_in`` is the one reader of ``latest`` (serving, evaluation and both training backends): when
+``latest`` is missing or corrupt it falls back to the newest complete step folder. Training checkpoints
+(policy + training state + progress) are written by ``scoreaction.run_folder``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -32,8 +37,16 @@ METADATA_FILE = "checkpoint.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TOY_FILE = "toy_policy.safetensors"
 LATEST_FILE = "latest"
+STATE_STEM = "learner_state"
+STATE_TENSORS = f"{STATE_STEM}.safetensors"
+STATE_JSON = f"{STATE_STEM}.json"
+PROGRESS_JSON = "progress.json"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+logger = logging.getLogger(__name__)
+_STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -125,21 +138,85 @@ def save_checkpoint(
 def save_run_checkpoint(
     policy: DiffusionPolicy, run_dir: str | os.PathLike, step: int, config=None, metrics=None
 ) -> Path:
-    """Save under run_dir/checkpoints/step_<N> and then point run_dir/checkpoints/latest at it."""
+    """Save the policy alone under run_dir/checkpoints/step_<N>, then point run_dir/checkpoints/latest at
+    it (training runs write training checkpoints instead: scoreaction.run_folder)."""
     root = Path(run_dir) / "checkpoints"
     path = save_checkpoint(policy, root / f"step_{step:06d}", step, config, metrics)
     atomic_write_text(root / LATEST_FILE, path.name + "\n")
     return path
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / LATEST_FILE
-    if not pointer.is_file():
+def step_number(name: str) -> int | None:
+    """N of a folder named step_<N>, else None."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _json_file(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / METADATA_FILE).is_file() else None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_complete(path: str | os.PathLike, training: bool = False) -> bool:
+    """Whether a step folder holds a complete checkpoint: valid checkpoint.json and, for a training
+    checkpoint (or whenever progress.json exists), a valid progress.json whose every listed file is present
+    with its recorded size. training=True also asks for the training state."""
+    p = Path(path)
+    meta = _json_file(p / METADATA_FILE)
+    if meta is None or meta.get("kind") not in ("lora", "full", "toy"):
+        return False
+    if not training and not (p / PROGRESS_JSON).exists():
+        return True
+    progress = _json_file(p / PROGRESS_JSON)
+    if progress is None or "epoch" not in progress:
+        return False
+    if training and not ((p / STATE_TENSORS).is_file() and (p / STATE_JSON).is_file()):
+        return False
+    for rel, size in (progress.get("files") or {}).items():
+        f = p / rel
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return True
+
+
+def latest_in(checkpoint_dir: str | os.PathLike, training: bool = False) -> Path | None:
+    """The checkpoint ``latest`` names in a checkpoints folder if it is complete; else (``latest`` missing,
+    corrupt or naming an incomplete folder) the newest complete step folder, with a warning; else None.
+    training=True: training checkpoints only (policy + training state + progress)."""
+    root = Path(checkpoint_dir)
+    pointer = root / LATEST_FILE
+    try:
+        name = pointer.read_text().strip()
+    except FileNotFoundError:
+        name = None
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if name and step_number(name) is not None and checkpoint_complete(root / name, training):
+        return root / name
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return None
+    steps = sorted(((n, p) for p in entries if (n := step_number(p.name)) is not None), reverse=True)
+    for _, path in steps:
+        if path.is_dir() and checkpoint_complete(path, training):
+            if name is not None:
+                logger.warning(
+                    "%s names %r, which is not a complete checkpoint; using the newest complete one, %s",
+                    pointer,
+                    name,
+                    path.name,
+                )
+            return path
+    return None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run folder (its checkpoints/latest, see latest_in), or None."""
+    return latest_in(Path(run_dir) / "checkpoints")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -193,6 +193,12 @@ class RunConfig(_Section):
     checkpoint_every: int = Field(
         1, ge=1, description="Write a checkpoint every this many epochs (and at the end)."
     )
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the newest this many checkpoints (never deleting the one 'latest' names); "
+        "None = keep all.",
+    )
     grid_every: int = Field(
         1, ge=1, description="Write a sample grid every this many epochs (image presets)."
     )

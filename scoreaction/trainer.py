@@ -1,7 +1,11 @@
 """The single-process fine-tuning loop: rollout -> reward -> value update -> policy update, per epoch.
 
 The distributed loop (Ray actors + Ray Train) runs the same pieces; this one is the reference it is
-measured against, and what ``jobs/finetune.py`` runs in one process.
+measured against, and what ``jobs/finetune.py --single-process`` runs in one process. Both write the same
+training checkpoints through ``scoreaction.run_folder`` (one owner per run folder, one ``latest``), and
+``fit(resume=True)`` continues a run from its newest complete checkpoint exactly as if it had not stopped:
+the policy, both optimisers and the lr schedule, F_phi, the DDPO stat tracker, the sampler's and the
+learner's random generators and the running reward normaliser are all checkpointed.
 """
 
 from __future__ import annotations
@@ -14,13 +18,22 @@ from pathlib import Path
 
 import torch
 
-from scoreaction.checkpoint import save_run_checkpoint
+from scoreaction.checkpoint import load_checkpoint
 from scoreaction.config import Config
 from scoreaction.images import save_grid
 from scoreaction.learner import Batch, Learner, reward_of_x0_hat
 from scoreaction.models.toy_gmm import ToyPolicy
 from scoreaction.policy import DiffusionPolicy
 from scoreaction.rewards import build_monitors, build_reward
+from scoreaction.run_folder import (
+    RunFolder,
+    load_reward_stats,
+    open_run,
+    publish_latest,
+    read_training_checkpoint,
+    reward_stats_state,
+    write_training_checkpoint,
+)
 from scoreaction.sampling import Policy, Trajectory, sample_trajectories
 from scoreaction.value import ValueFunction
 
@@ -135,26 +148,98 @@ class Trainer:
             save_grid(batch.traj.images[:16], self.out / "samples" / f"grid_epoch{epoch:04d}.png")
         return metrics
 
-    def fit(self, progress: Callable[[dict], None] | None = None) -> dict:
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ----------------------------------------------------------------------------------------------
+
+    def training_state(self) -> dict:
+        """Everything besides the policy weights that the run's numbers depend on (the distributed learner
+        writes the same layout: per-rank tracker and generator under 'ranks')."""
+        state = self.learner.state_dict()
+        state["ranks"] = [{"tracker": state.pop("tracker"), "generator": state.pop("generator")}]
+        state["reward_stats"] = reward_stats_state(self._reward)
+        state["rollout_generator"] = self.generator.get_state()
+        state["torch_rng"] = torch.get_rng_state()
+        return state
+
+    def save(self, folder: RunFolder, step: int, metrics: dict[str, float] | None = None) -> Path:
+        """Write step_<step>/ with the training state and move ``latest`` to it (refused, with nothing
+        written, if any tensor is non-finite or this job no longer owns the folder)."""
+        progress = {
+            "epoch": step,
+            "samples": self.samples_seen,
+            "reward_queries": self.reward_queries,
+            "history": self.history,
+            "world_size": 1,
+            "backend": "single-process",
+        }
+        kept = {k: v for k, v in (metrics or {}).items() if not k.startswith("perf/")}
+        path = write_training_checkpoint(
+            folder.checkpoint_dir,
+            step,
+            self.policy,
+            self.training_state(),
+            progress,
+            self.cfg.model_dump(),
+            kept,
+        )
+        folder.lock.check()
+        publish_latest(folder.checkpoint_dir, path, self.cfg.run.keep_checkpoints)
+        return path
+
+    def restore(self, path: Path) -> int:
+        """Load a training checkpoint; returns the epoch to continue from."""
+        load_checkpoint(self.policy, path)
+        state, progress = read_training_checkpoint(path)
+        ranks = state.pop("ranks")
+        state.update(ranks[0])
+        load_reward_stats(self._reward, state.pop("reward_stats", None))
+        rollout_generator = state.pop("rollout_generator", None)
+        torch_rng = state.pop("torch_rng", None)
+        if rollout_generator is not None:
+            self.generator.set_state(rollout_generator)
+        else:
+            logger.warning(
+                "%s was written by the distributed learner: the single-process sampler's noise continues from "
+                "a fresh generator, so the resumed epochs are not those the distributed run would sample",
+                path,
+            )
+        if torch_rng is not None:
+            torch.set_rng_state(torch_rng)
+        self.learner.load_state_dict(state)
+        self.history = list(progress.get("history", []))
+        self.samples_seen = int(progress.get("samples", 0))
+        self.reward_queries = int(progress.get("reward_queries", 0))
+        logger.info("resumed from %s at epoch %d", path, progress["epoch"])
+        return int(progress["epoch"])
+
+    def fit(self, progress: Callable[[dict], None] | None = None, resume: bool = False) -> dict:
+        """Run the epochs (after the checkpoint's, with resume=True) and write summary.json.
+
+        Owns the run folder while it runs: a second job on it is refused, and a folder that already holds a
+        run's checkpoints is refused unless resume=True."""
         start = time.perf_counter()
+        folder = open_run(self.cfg, self.out, resume)
+        try:
+            return self._fit(folder, progress, start)
+        finally:
+            folder.close()
+
+    def _fit(self, folder: RunFolder, progress: Callable[[dict], None] | None, start: float) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        self.pretrain_value()
-        for epoch in range(self.cfg.run.epochs):
+        first = self.restore(folder.resume_from) if folder.resume_from is not None else 0
+        if first == 0:
+            self.pretrain_value()
+        for epoch in range(first, self.cfg.run.epochs):
             metrics = self.epoch(epoch)
             self.history.append(metrics)
             if progress:
                 progress(metrics)
             last = epoch == self.cfg.run.epochs - 1
             if (epoch + 1) % self.cfg.run.checkpoint_every == 0 or last:
-                save_run_checkpoint(
-                    self.policy,
-                    self.out,
-                    step=epoch + 1,
-                    config=self.cfg.model_dump(),
-                    metrics={k: v for k, v in metrics.items() if not k.startswith("perf/")},
-                )
-        if self.cfg.run.epochs == 0:
-            save_run_checkpoint(self.policy, self.out, step=0, config=self.cfg.model_dump())
+                self.save(folder, epoch + 1, metrics)
+        if self.cfg.run.epochs == 0 and folder.resume_from is None:
+            self.save(folder, 0)
         final = self.evaluate_now()
         summary = {
             "preset": self.cfg.model.preset,

@@ -28,6 +28,7 @@ from scoreaction.distributed.resume import (
     ResumeError,
     config_differences,
     flatten_state,
+    latest_step,
     latest_step_dir,
     publish_latest,
     read_training_checkpoint,
@@ -224,6 +225,9 @@ def test_kill_9_during_saves_never_leaves_a_broken_latest(tmp_path):
     for delay in (0.31, 0.47, 0.73):
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(ckpt)], stdout=subprocess.PIPE, cwd=ROOT)
         assert proc.stdout.readline().strip() == b"ready"
+        deadline = time.monotonic() + 120  # a loaded machine: wait for this saver's first save first
+        while latest_step(ckpt) <= last and time.monotonic() < deadline:
+            time.sleep(0.02)
         time.sleep(delay)  # the loop spends nearly all its time inside a save
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -239,8 +243,13 @@ def test_kill_9_during_saves_never_leaves_a_broken_latest(tmp_path):
         with pytest.raises(ResumeError, match="refusing to write"):
             write_training_checkpoint(ckpt, step, policy, {}, {"epoch": step})
     leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
-    # staging folders of killed saves may remain (hidden, never named by latest)
+    # staging folders of killed saves may remain (hidden, never named by latest) until the next start
     assert all(".staging-" in n or ".tmp-" in n for n in leftovers)
+    from scoreaction.run_folder import clean_leftovers
+
+    assert clean_leftovers(ckpt) == sorted(leftovers)
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []
+    assert read_training_checkpoint(latest_step_dir(ckpt))[1]["epoch"] == last
 
 
 def test_publish_latest_moves_only_to_complete_folders(tmp_path):
@@ -253,11 +262,14 @@ def test_publish_latest_moves_only_to_complete_folders(tmp_path):
     state = learner.state_dict()
     state["ranks"] = [{"tracker": state.pop("tracker"), "generator": state.pop("generator")}]
     p1 = write_training_checkpoint(tmp_path, 1, policy, state, {"epoch": 1, "history": []})
-    assert latest_step_dir(tmp_path) is None  # written, not yet published
     publish_latest(tmp_path, p1)
     assert latest_step_dir(tmp_path) == p1
-    (p1 / "progress.json").unlink()
-    assert latest_step_dir(tmp_path) is None
+    p2 = write_training_checkpoint(tmp_path, 2, policy, state, {"epoch": 2, "history": []})
+    assert latest_step_dir(tmp_path) == p1  # written, not yet published
+    publish_latest(tmp_path, p2)
+    assert latest_step_dir(tmp_path) == p2
+    (p2 / "progress.json").unlink()  # incomplete: 'latest' falls back to the newest complete one
+    assert latest_step_dir(tmp_path) == p1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import ray
 import torch
 
 from scoreaction.config import Config
-from scoreaction.distributed.workers import chunk_bounds, to_numpy
+from scoreaction.distributed.workers import chunk_bounds, normalize_running, to_numpy
 from scoreaction.learner import Batch
 from scoreaction.sampling import Trajectory
 from scoreaction.trainer import epoch_prompts
@@ -76,11 +76,22 @@ class EpochRunner:
         return refs
 
 
-def fetch_batch(trajectories: list, scores: list) -> Batch:
-    """The scored batch of an epoch from its ObjectRefs (every learner rank calls this)."""
+def fetch_batch(trajectories: list, scores: list, reward_fn=None) -> Batch:
+    """The scored batch of an epoch from its ObjectRefs (every learner rank calls this). Raw part scores
+    (reward.normalize: running) are normalised here with reward_fn's running statistics, over the whole
+    epoch, so every rank computes the same numbers and the statistics live with the learner's state."""
     parts: list[Trajectory] = ray.get(trajectories)
     scored = ray.get(scores)
     traj = Trajectory.cat(parts)
+    if isinstance(scored[0][0], dict):
+        terminal = {k: torch.cat([r[k] for r, _ in scored]) for k in scored[0][0]}
+        x0 = (
+            {k: torch.cat([x[k] for _, x in scored]) for k in scored[0][1]}
+            if scored[0][1] is not None
+            else None
+        )
+        rewards, r_x0 = normalize_running(reward_fn, terminal, x0)
+        return Batch(traj, rewards, r_x0)
     rewards = torch.cat([r for r, _ in scored])
     r_x0 = torch.cat([x for _, x in scored]) if scored[0][1] is not None else None
     return Batch(traj, rewards, r_x0)

@@ -7,7 +7,6 @@ learner (``learner_loop``); the driver only starts things, watches, and cleans u
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -20,9 +19,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from scoreaction.checkpoint import METADATA_FILE, latest_checkpoint
 from scoreaction.config import Config
-from scoreaction.distributed.faults import FaultPlan
+from scoreaction.distributed.faults import FaultPlan, maybe_fail
 from scoreaction.distributed.plan import (
     PlanError,
     build_plan,
@@ -32,69 +30,28 @@ from scoreaction.distributed.plan import (
     validate_layout,
 )
 from scoreaction.distributed.reporter import RunReporter
-from scoreaction.distributed.resume import (
-    ResumeError,
-    config_differences,
-    latest_step_dir,
-    read_training_checkpoint,
-)
 from scoreaction.distributed.workers import MetricsSink, RewardWorker, RolloutWorker
+from scoreaction.learner import NonFiniteError
+from scoreaction.run_folder import (
+    NonFiniteCheckpointError,
+    check_not_locked,
+    check_resume,
+    checkpoint_dir_for,
+    latest_step_dir,
+    open_run,
+)
 
 logger = logging.getLogger(__name__)
 
-
-def checkpoint_dir_for(cfg: Config, out: Path) -> Path:
-    """Where the run's checkpoints go: <output_dir>/checkpoints, or <storage_path>/<run name>/checkpoints
-    (a path every node sees) when run.storage_path is set."""
-    if cfg.run.storage_path:
-        if "://" in cfg.run.storage_path:
-            raise PlanError(
-                f"run.storage_path={cfg.run.storage_path!r}: give a filesystem path that every node mounts "
-                "(NFS, EFS, a GCS/S3 fuse mount); URIs are not supported because checkpoints are published "
-                "with atomic renames"
-            )
-        return Path(cfg.run.storage_path).expanduser().resolve() / Path(out).resolve().name / "checkpoints"
-    return Path(out).resolve() / "checkpoints"
+__all__ = ["check_run_dir", "checkpoint_dir_for", "one_host_threads", "run_distributed"]
 
 
 def check_run_dir(cfg: Config, checkpoint_dir: Path, resume: bool) -> Path | None:
-    """Refuse to mix runs: without resume the folder must hold no checkpoint; with resume it must hold a
-    training checkpoint of a run with the same settings. Returns the checkpoint to resume from."""
-    any_latest = latest_checkpoint(checkpoint_dir.parent) if checkpoint_dir.name == "checkpoints" else None
-    latest = latest_step_dir(checkpoint_dir)
-    if not resume:
-        found = latest or any_latest
-        if found is not None:
-            raise ResumeError(
-                f"{str(checkpoint_dir)!r} already holds a run's checkpoints (latest: {found.name}); pass "
-                "--resume to continue that run, or choose another --output-dir. Nothing was overwritten."
-            )
-        return None
-    if latest is None:
-        what = (
-            "only checkpoints without learner state (a --single-process run?)"
-            if any_latest
-            else "no checkpoint"
-        )
-        raise ResumeError(
-            f"--resume: {str(checkpoint_dir)!r} holds {what} to resume from; run without --resume to start "
-            "a new run there, or point --output-dir at the run to continue"
-        )
-    _, progress = read_training_checkpoint(latest)
-    saved = json.loads((latest / METADATA_FILE).read_text()).get("config", {})
-    diffs = config_differences(saved, cfg.model_dump())
-    if diffs:
-        raise ResumeError(
-            f"--resume: the config differs from the run in {str(checkpoint_dir)!r} in: {'; '.join(diffs)}. "
-            "A resumed run may change only run.epochs, the output/storage paths, checkpoint/grid cadence and "
-            "resources."
-        )
-    if progress["epoch"] > cfg.run.epochs:
-        raise ResumeError(
-            f"--resume: the checkpoint is at epoch {progress['epoch']} but run.epochs={cfg.run.epochs}; "
-            "set run.epochs to at least that"
-        )
-    return latest
+    """Refuse to mix runs (scoreaction.run_folder.check_resume): without resume the folder must hold no
+    checkpoint; with resume it must hold a training checkpoint of a run with the same settings; and no live
+    job may own it. Reads only: nothing is created or changed."""
+    check_not_locked(checkpoint_dir.parent)
+    return check_resume(cfg, checkpoint_dir, resume)
 
 
 def absolutize(cfg: Config) -> Config:
@@ -202,7 +159,12 @@ def start_actors(
 
 
 def make_trainer(
-    cfg: Config, actors: Actors, checkpoint_dir: Path, threads: Threads, faults: FaultPlan | None
+    cfg: Config,
+    actors: Actors,
+    checkpoint_dir: Path,
+    threads: Threads,
+    faults: FaultPlan | None,
+    run_id: str | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -223,6 +185,7 @@ def make_trainer(
             "checkpoint_dir": str(checkpoint_dir),
             "threads": _threads(threads, "learner", r.torch_threads, r.learner_cpus),
             "faults": faults,
+            "run_id": run_id,
         },
         torch_config=TorchConfig(backend=learner_backend(cfg)),
         scaling_config=ScalingConfig(
@@ -241,17 +204,25 @@ def make_trainer(
 class _Pump(threading.Thread):
     """Drains the sink into the reporter while fit() runs."""
 
-    def __init__(self, sink, reporter: RunReporter, on_event: Callable | None) -> None:
+    def __init__(
+        self, sink, reporter: RunReporter, on_event: Callable | None, faults: FaultPlan | None = None
+    ) -> None:
         super().__init__(daemon=True)
-        self.sink, self.reporter, self.on_event = sink, reporter, on_event
+        self.sink, self.reporter, self.on_event, self.faults = sink, reporter, on_event, faults
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.fatal: dict | None = None
 
     def drain(self) -> None:
         for kind, payload in ray.get(self.sink.drain.remote()):
+            if kind == "fatal":  # the learner stopped the run on purpose (non-finite numbers)
+                self.fatal = payload
+                continue
             self.reporter.handle(kind, payload)
             if self.on_event is not None:
                 self.on_event(kind, payload)
+            if kind == "epoch":  # kill -9 of the driver mid-run (fault tests)
+                maybe_fail(self.faults, "driver", int(payload["epoch"]), 0)
 
     def run(self) -> None:
         try:
@@ -282,9 +253,17 @@ def run_distributed(
     t_start = time.perf_counter()
     cfg = absolutize(cfg)
     out = Path(cfg.run.output_dir if out is None else out).resolve()
+    faults = faults if faults is not None else FaultPlan.from_env()
     validate_layout(cfg)
-    checkpoint_dir = checkpoint_dir_for(cfg, out)
-    check_run_dir(cfg, checkpoint_dir, resume)
+    folder = open_run(cfg, out, resume)  # owns the run folder until the run ends (or refuses it)
+    try:
+        return _run_owned(cfg, out, folder, t_start, threads, faults, reward_factory, on_event, progress_bar)
+    finally:
+        folder.close()
+
+
+def _run_owned(cfg, out, folder, t_start, threads, faults, reward_factory, on_event, progress_bar):
+    checkpoint_dir = folder.checkpoint_dir
     plan = build_plan(cfg)
     nodes = nodes_from_ray(ray.nodes())
     if cfg.resources.require_fit:
@@ -301,10 +280,10 @@ def run_distributed(
     if on_event is not None:
         on_event("actors", actors.info)
     reporter = RunReporter(cfg, out, progress_bar=progress_bar)
-    pump = _Pump(actors.sink, reporter, on_event)
+    pump = _Pump(actors.sink, reporter, on_event, faults)
     pump.start()
     try:
-        result = make_trainer(cfg, actors, checkpoint_dir, threads, faults).fit()
+        result = make_trainer(cfg, actors, checkpoint_dir, threads, faults, folder.run_id).fit()
     finally:
         pump.stop.set()
         pump.join()
@@ -315,6 +294,13 @@ def run_distributed(
             actors.kill()
     if pump.error is not None:
         raise pump.error
+    if pump.fatal is not None:
+        f = pump.fatal
+        if f["kind"] == "checkpoint":
+            raise NonFiniteCheckpointError(f["message"])
+        raise NonFiniteError(
+            f["message"], kind=f["kind"], epoch=f["at_epoch"], count=f["count"] or 0, total=f["total"] or 0
+        )
     final_ckpt = latest_step_dir(checkpoint_dir)
     extra = {
         "checkpoint": str(final_ckpt) if final_ckpt else None,

@@ -33,15 +33,21 @@ from scoreaction.distributed.controller import EpochRunner, fetch_batch, shard, 
 from scoreaction.distributed.ddp import GradientAllReduce, broadcast_tensors, gather_objects, mean_over_ranks
 from scoreaction.distributed.faults import maybe_fail
 from scoreaction.distributed.reporter import SUMMARY_KEYS
-from scoreaction.distributed.resume import (
+from scoreaction.distributed.workers import EVAL_EPOCH_OFFSET, set_threads
+from scoreaction.learner import Batch, Learner, NonFiniteError
+from scoreaction.rewards import build_reward
+from scoreaction.run_folder import (
+    NonFiniteCheckpointError,
+    check_finite,
+    clean_leftovers,
     latest_step_dir,
+    load_reward_stats,
     publish_latest,
     read_training_checkpoint,
+    reward_stats_state,
+    verify_owner,
     write_training_checkpoint,
 )
-from scoreaction.distributed.workers import EVAL_EPOCH_OFFSET, set_threads
-from scoreaction.learner import Batch, Learner
-from scoreaction.rewards import build_reward
 from scoreaction.trainer import build_policy, build_value_function
 
 logger = logging.getLogger(__name__)
@@ -77,6 +83,7 @@ class LearnerLoop:
         self.faults = config.get("faults")
         self.sink = config["sink"]
         self.checkpoint_dir = Path(config["checkpoint_dir"])
+        self.run_id = config.get("run_id")  # the driver's lock on the run folder
         torch.manual_seed(self.cfg.run.seed)
         self.policy = build_policy(self.cfg)
         self.value_fn = build_value_function(self.cfg, self.policy)
@@ -101,6 +108,8 @@ class LearnerLoop:
 
     def _restore(self) -> tuple[int, list[dict]]:
         """Load the newest complete checkpoint (Ray Train's after a restart, or ``latest``)."""
+        if self.rank == 0 and ray.train.get_checkpoint() is not None:
+            clean_leftovers(self.checkpoint_dir)  # a restart: what the dead rank 0 was writing
         candidates = [latest_step_dir(self.checkpoint_dir)]
         ray_ckpt = ray.train.get_checkpoint()
         if ray_ckpt is not None:
@@ -119,6 +128,9 @@ class LearnerLoop:
         state, progress = read_training_checkpoint(best)
         ranks = state.pop("ranks")
         state.update(ranks[self.rank % len(ranks)])
+        load_reward_stats(self.learner.reward_fn, state.pop("reward_stats", None))
+        for key in ("rollout_generator", "torch_rng"):  # the single-process sampler's: not used here
+            state.pop(key, None)
         self.learner.load_state_dict(state)
         logger.info("rank %d resumed from %s at epoch %d", self.rank, best, progress["epoch"])
         return progress["epoch"], progress["history"]
@@ -127,6 +139,8 @@ class LearnerLoop:
         """Write step_<epoch_done>/ (rank 0), register it with Ray Train, then move ``latest``."""
         t0 = time.perf_counter()
         state = self.learner.state_dict()
+        # every rank holds the same weights: all refuse non-finite ones together (no rank left waiting)
+        check_finite(self.policy, {**state, "reward_stats": reward_stats_state(self.learner.reward_fn)})
         mine = {"tracker": state.pop("tracker"), "generator": state.pop("generator").tolist()}
         ranks = gather_objects(mine)
         if self.rank != 0:
@@ -136,22 +150,32 @@ class LearnerLoop:
             {"tracker": r["tracker"], "generator": torch.tensor(r["generator"], dtype=torch.uint8)}
             for r in ranks
         ]
+        state["reward_stats"] = reward_stats_state(self.learner.reward_fn)
         progress = {
             "epoch": epoch_done,
             "samples": epoch_done * self.cfg.run.num_samples,
             "history": self.history,
             "world_size": self.world,
+            "backend": "distributed",
         }
         kept = {k: v for k, v in metrics.items() if not k.startswith("perf/")}
         path = write_training_checkpoint(
-            self.checkpoint_dir, epoch_done, self.policy, state, progress, self.cfg.model_dump(), kept
+            self.checkpoint_dir,
+            epoch_done,
+            self.policy,
+            state,
+            progress,
+            self.cfg.model_dump(),
+            kept,
+            before_publish=lambda: maybe_fail(self.faults, "save", epoch_done, 0),
         )
+        verify_owner(self.checkpoint_dir.parent, self.run_id)
         ray.train.report(
             {"epoch": epoch_done, **{k: v for k, v in kept.items() if isinstance(v, float | int)}},
             checkpoint=ray.train.Checkpoint(str(path)),
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
-        publish_latest(self.checkpoint_dir, path)
+        publish_latest(self.checkpoint_dir, path, self.cfg.run.keep_checkpoints)
         self.sink.push.remote("checkpoint", {"epoch": epoch_done - 1, "path": str(path)})
         return time.perf_counter() - t0
 
@@ -170,7 +194,7 @@ class LearnerLoop:
         if self.world > 1:
             payload = ray.train.collective.broadcast_from_rank_zero(payload)
         t0 = time.perf_counter()
-        batch = fetch_batch(*payload)
+        batch = fetch_batch(*payload, reward_fn=self.learner.reward_fn)
         timings["perf/fetch_s"] = time.perf_counter() - t0
         return batch, timings
 
@@ -242,6 +266,21 @@ class LearnerLoop:
             self.sink.push.remote("final", {"final": final, "grid": grid_images(batch)})
 
     def run(self) -> None:
+        """The whole fit; non-finite numbers stop the run (no Ray Train retry: it would hit them again) with
+        the last good checkpoint in place, and the driver raises the NonFiniteError."""
+        try:
+            self._run()
+        except (NonFiniteError, NonFiniteCheckpointError) as exc:
+            logger.error("rank %d: %s", self.rank, exc)
+            if self.rank == 0:
+                fatal = {"message": str(exc), "kind": getattr(exc, "kind", "checkpoint")}
+                fatal.update({k: getattr(exc, k, None) for k in ("count", "total")})
+                ray.get(self.sink.push.remote("fatal", {**fatal, "at_epoch": getattr(exc, "epoch", None)}))
+        finally:
+            for s in self.grad_sync:
+                s.remove()
+
+    def _run(self) -> None:
         cfg = self.cfg
         if self.rank == 0:
             self.sink.push.remote("start", {"start_epoch": self.start_epoch, "history": self.history})
@@ -260,8 +299,6 @@ class LearnerLoop:
         if cfg.run.epochs == 0 and self.start_epoch == 0:
             self._checkpoint(0, {})
         self.evaluate()
-        for s in self.grad_sync:
-            s.remove()
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from scoreaction.config import Config
-from scoreaction.distributed.faults import FaultPlan, maybe_fail
-from scoreaction.learner import reward_of_x0_hat
-from scoreaction.rewards import RewardFn, build_reward
+from scoreaction.distributed.faults import FaultPlan, fires, maybe_fail
+from scoreaction.learner import reward_of_x0_hat, x0_hat
+from scoreaction.rewards import RewardFn, WeightedSum, build_reward
 from scoreaction.sampling import Trajectory, sample_trajectories
 from scoreaction.trainer import build_policy
 
@@ -118,9 +118,68 @@ class RolloutWorker:
         )
 
 
+def running_normalized(reward_fn) -> bool:
+    """Whether the reward is a weighted sum with running normalisation (reward.normalize: running)."""
+    return isinstance(reward_fn, WeightedSum) and reward_fn.normalize == "running"
+
+
+def raw_parts_of_x0_hat(
+    policy, traj: Trajectory, reward: WeightedSum, chunk: int = 64
+) -> dict[str, torch.Tensor]:
+    """Every part's raw score of decode(x0_hat_k), {name: (B, N)}: reward_of_x0_hat, part by part."""
+    x0 = x0_hat(policy, traj)
+    b, n = x0.shape[:2]
+    flat = x0.reshape(b * n, *x0.shape[2:])
+    prompts = [p for p in traj.prompts for _ in range(n)]
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in reward.parts}
+    for i in range(0, b * n, chunk):
+        decoded = policy.decode(flat[i : i + chunk])
+        if decoded.dim() == 4:
+            decoded = decoded.clamp(0, 1)
+        for name, part in reward.parts.items():
+            out[name].append(part.score(decoded, prompts[i : i + chunk]).scores.float().cpu())
+    return {name: torch.cat(v).view(b, n) for name, v in out.items()}
+
+
+def _weighted(reward: WeightedSum, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+    """WeightedSum's running normalisation of one call, from the parts' raw scores (updates the stats)."""
+    total = None
+    for name in reward.parts:
+        part_raw = raw[name].float()
+        reward.stats[name].update(part_raw)
+        s = reward.stats[name]
+        term = reward.weights[name] * ((part_raw - s.mean) / s.std)
+        total = term if total is None else total + term
+    return torch.zeros(0) if total is None else total
+
+
+def normalize_running(
+    reward: WeightedSum,
+    terminal: dict[str, torch.Tensor],
+    x0: dict[str, torch.Tensor] | None = None,
+    chunk: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rewards (B,) and r_x0 (B, N) of a whole epoch from the parts' raw scores, with the running statistics
+    that the learner holds (and checkpoints): the very numbers the single-process Trainer's WeightedSum
+    computes when it scores the epoch's images, then x0_hat in chunks of `chunk`. Reward workers keep no
+    state, so a restarted one scores exactly as before."""
+    rewards = torch.zeros(next(iter(terminal.values())).shape[0]) + _weighted(reward, terminal)
+    if x0 is None:
+        return rewards, None
+    b, n = next(iter(x0.values())).shape
+    flat = {k: v.reshape(-1) for k, v in x0.items()}
+    parts = [
+        _weighted(reward, {k: v[i : i + chunk] for k, v in flat.items()}) for i in range(0, b * n, chunk)
+    ]
+    return rewards, torch.cat(parts).view(b, n)
+
+
 class RewardWorker:
     """Scores rollout batches: the reward of the terminal images, and R(x0_hat_k) for every state when the
-    value function uses the reward prior (ctrl with value.use_reward_prior: Config.scores_x0_hat)."""
+    value function uses the reward prior (ctrl with value.use_reward_prior: Config.scores_x0_hat).
+
+    With reward.normalize: running, it returns every part's raw scores instead ({name: tensor}); the learner
+    normalises them with the running statistics it checkpoints (``normalize_running``)."""
 
     def __init__(
         self,
@@ -143,10 +202,23 @@ class RewardWorker:
 
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
-    def score(self, epoch: int, chunk: int, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """rewards (B,) float32 and r_x0 (B, N) or None, on CPU."""
+    def score(self, epoch: int, chunk: int, traj: Trajectory) -> tuple[Any, Any]:
+        """rewards (B,) float32 and r_x0 (B, N) or None, on CPU; with running normalisation, the parts' raw
+        scores {name: (B,)} and {name: (B, N)} or None."""
         maybe_fail(self.faults, "reward", epoch, self.index)
+        nan = fires(self.faults, "nan_reward", epoch, self.index)
+        if running_normalized(self.reward_fn):
+            parts = {
+                name: part.score(traj.images, traj.prompts).scores.float().cpu()
+                for name, part in self.reward_fn.parts.items()
+            }
+            if nan:
+                parts = {k: torch.full_like(v, float("nan")) for k, v in parts.items()}
+            x0 = raw_parts_of_x0_hat(self._policy, traj, self.reward_fn) if self._policy is not None else None
+            return parts, x0
         rewards = self.reward_fn(traj.images, traj.prompts).float().cpu()
+        if nan:
+            rewards = torch.full_like(rewards, float("nan"))
         r_x0 = reward_of_x0_hat(self._policy, traj, self.reward_fn) if self._policy is not None else None
         return rewards, r_x0
 
