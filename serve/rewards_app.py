@@ -75,7 +75,12 @@ class RewardServiceArgs(BaseModel):
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, le=2**31, description="Largest request body; larger ones answer 413."
     )
-    max_images: int = Field(256, ge=1, le=65536, description="Most images in one request (B).")
+    max_images: int = Field(
+        4096,
+        ge=1,
+        le=65536,
+        description="Most images in one request (B); the body limit usually binds first.",
+    )
     max_image_side: int = Field(
         2048, ge=MIN_IMAGE_SIDE, le=16384, description="Largest image height or width in pixels."
     )
@@ -143,7 +148,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 api.add_exception_handler(StarletteHTTPException, _http_error)
 
 
-def decode_images(obj: object, max_images: int = 256, max_side: int = 2048) -> Tensor:
+def decode_images(obj: object, max_images: int = 4096, max_side: int = 2048) -> Tensor:
     """The request's ``images`` ({"dtype": "float32", "shape": [B, 3, H, W], "data": base64}) as a tensor.
 
     Raises BadRequest naming the field for anything else: other keys or dtypes, a shape that is not four
