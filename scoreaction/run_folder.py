@@ -307,11 +307,13 @@ def read_lock_file(path: Path) -> dict[str, Any] | None:
 
 
 def verify_owner(root: str | os.PathLike, run_id: str | None) -> None:
-    """Raise RunLockedError if the lock of root names another run (run_id None: no check)."""
-    if run_id is None:
+    """Raise RunLockedError if the lock of root names another run: a job that lost its folder (its lock was
+    taken over as stale) publishes nothing more. run_id None, or no lock visible here (a learner on another
+    node without run.storage_path): no check."""
+    if run_id is None or not (Path(root) / LOCK_FILE).exists():
         return
     rec = read_lock(Path(root))
-    if rec is None or rec.get("run_id") != run_id:
+    if rec is not None and rec.get("run_id") != run_id:
         raise RunLockedError(
             f"{str(root)!r} is no longer owned by run {run_id!r} (lock: {rec}); refusing to publish a checkpoint"
         )

@@ -133,6 +133,17 @@ def test_a_live_owner_refuses_a_second_job_and_a_stale_lock_is_taken_over(tmp_pa
     assert json.loads((root / LOCK_FILE).read_text())["run_id"] == lock.run_id
     lock.release()
 
+    # a job whose lock was taken over (it looked dead) publishes nothing more, and leaves the new lock alone
+    zombie = RunLock(root).acquire()
+    zombie.check()
+    taken = {**json.loads((root / LOCK_FILE).read_text()), "run_id": "new-owner"}
+    (root / LOCK_FILE).write_text(json.dumps(taken))
+    with pytest.raises(RunLockedError, match="no longer owned"):
+        zombie.check()
+    zombie.release()
+    assert json.loads((root / LOCK_FILE).read_text())["run_id"] == "new-owner"
+    (root / LOCK_FILE).unlink()
+
     # another host: its heartbeat decides
     fresh = {"run_id": "remote", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time(), "lease_s": 60}
     (root / LOCK_FILE).write_text(json.dumps(fresh))
