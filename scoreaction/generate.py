@@ -14,35 +14,116 @@ pick their blocking by batch shape, so a sample's float32 result depends on how 
 So every network call here (text encoder, UNet, VAE) runs on exactly ``chunk`` samples, padding the last
 chunk: an image's bytes then depend only on its seed, its parameters, the model and ``chunk``, never on which
 other requests were batched with it.
+
+Cancellation. Each request may carry a ``CancelToken`` (set when its caller gives up: a timeout, a client gone;
+or past its own deadline). ``generate`` checks the tokens while it waits for the lock and before every
+denoising step: the rows of cancelled requests are dropped (the others' bytes do not change, see above), and
+once every request of the call is cancelled it raises ``GenerationCancelled`` and frees the lock, so the
+compute stops within one step.
+
+Cost. ``check`` bounds a request by ``CostLimits``: its longest side (by default a small multiple of the
+model's native size) and its pixel-steps, n x height x width x steps (``InvalidRequestError``, HTTP 422).
+
+Loaded models. ``ModelCache`` is the replica's LRU of loaded checkpoints: a request pins its model from
+before it queues until its generation ends, so a model in use is never evicted; when every slot is pinned
+a new model waits for one, up to a bound, then ``ModelSlotsBusyError`` (HTTP 503). A checkpoint that cannot
+be loaded (truncated or missing weights, non-finite values, keys that do not fit) raises
+``UnusableModelError`` (HTTP 422).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import io
 import logging
 import threading
+import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from scoreaction.checkpoint import CheckpointError, load_lora_state, read_metadata
+from scoreaction.catalog import UnusableModelError, read_meta
+from scoreaction.checkpoint import CheckpointError, load_lora_state
 from scoreaction.config import ModelConfig
 from scoreaction.policy import DiffusionPolicy
 from scoreaction.sde import step_mean_std
+from scoreaction.serve_api import pixel_steps
 
 logger = logging.getLogger(__name__)
 
 
 class InvalidRequestError(ValueError):
-    """Parameters the API bounds allow but this model cannot take (HTTP 422)."""
+    """Parameters the API bounds allow but this model or the service's limits do not (HTTP 422). ``limit``:
+    {"name", "value", "allowed"} when a configured limit refused the request."""
 
     status_code = 422
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str = "invalid_request",
+        limit: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)  # args = (message,): pickles across Ray with the attributes below
+        self.param, self.code, self.limit = param, code, limit
+
+
+class GenerationCancelled(RuntimeError):
+    """Every request of a generate call was cancelled (timed out or given up): the compute stopped."""
+
+    status_code = 504
+    code = "timeout"
+
+
+class ModelSlotsBusyError(RuntimeError):
+    """Every slot of the replica's model LRU holds a model in use (HTTP 503 with Retry-After)."""
+
+    status_code = 503
+    code = "model_slots_busy"
+    param = "model"
+
+
+class CancelToken:
+    """Cancellation of one request: ``cancel()`` (its caller gave up) or its deadline passed. Thread-safe."""
+
+    def __init__(self, timeout_s: float | None = None) -> None:
+        self._event = threading.Event()
+        self.deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        self.reason = ""
+
+    def cancel(self, reason: str = "cancelled by its caller") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        if not self._event.is_set() and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.cancel("past its deadline")
+        return self._event.is_set()
+
+    def remaining(self) -> float | None:
+        """Seconds to the deadline (None: no deadline)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+
+@dataclass(frozen=True)
+class CostLimits:
+    """Per-request bounds (serve/config.yaml ``user_config``)."""
+
+    max_pixel_steps: int | None = None  # n x height x width x num_inference_steps; None: unbounded
+    max_side_px: int | None = None  # longest allowed side; None: max_side_factor x the native size
+    max_side_factor: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +153,7 @@ class LoadedModel:
     adapter: str | None = None
     unet: torch.nn.Module | None = None
     _owner: ImageGenerator | None = None
+    unloaded: bool = False  # set once its adapter or UNet is freed: generating with it is a bug
 
     def unload(self) -> None:
         """Free the adapter or UNet (idempotent). Serve's multiplexer calls __del__ on LRU eviction."""
@@ -120,11 +202,25 @@ class ImageGenerator:
     # Checkpoints
     # ----------------------------------------------------------------------------------------------
 
-    def load(self, key: str, path: str | None) -> LoadedModel:
-        """Load a checkpoint folder (safetensors only; pickles refused) or, with path None, the base model."""
+    def load(self, key: str, path: str | None, model_id: str | None = None) -> LoadedModel:
+        """Load a checkpoint folder (safetensors only; pickles refused) or, with path None, the base model.
+        Raises UnusableModelError, naming model_id (never the server path), for a checkpoint that cannot
+        be served: invalid metadata, missing or truncated weights, non-finite values, keys that do not fit."""
         if path is None:
             return LoadedModel(key=key)
-        meta = read_metadata(path)  # refuses pickle-only folders, checks kind
+        name = model_id or key
+        meta = read_meta(Path(path), name)  # refuses pickle-only folders, checks kind
+        try:
+            return self._load(key, Path(path), meta)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise  # the replica's trouble, not the checkpoint's
+        except Exception as exc:
+            lines = str(exc).replace(str(path), name).strip().splitlines() or [""]
+            raise UnusableModelError(
+                f"model={name!r} cannot be loaded: {type(exc).__name__}: {lines[0][:300]}"
+            ) from exc
+
+    def _load(self, key: str, path: Path, meta: dict) -> LoadedModel:
         if meta.get("base_model") not in (None, self.policy.base_model):
             logger.warning(
                 "checkpoint %s was trained on base_model=%r; this replica serves %r",
@@ -133,16 +229,15 @@ class ImageGenerator:
                 self.policy.base_model,
             )
         if meta["kind"] == "lora":
-            return self._load_lora(key, Path(path), meta)
+            return self._load_lora(key, path, meta)
         if meta["kind"] == "full":
             from diffusers import UNet2DConditionModel
 
-            unet = UNet2DConditionModel.from_pretrained(Path(path) / "unet", use_safetensors=True)
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
+            _check_finite(unet.state_dict())
             unet.requires_grad_(False).eval().to(self.policy.device, self.policy.dtype)
             return LoadedModel(key=key, unet=unet, _owner=self)
-        raise CheckpointError(
-            f"checkpoint {path!r} is a {meta['kind']!r} checkpoint; only lora and full serve"
-        )
+        raise CheckpointError(f"it is a {meta['kind']!r} checkpoint; only lora and full serve")
 
     def _load_lora(self, key: str, path: Path, meta: dict) -> LoadedModel:
         from peft import LoraConfig
@@ -152,6 +247,7 @@ class ImageGenerator:
         policy_cfg = (meta.get("config") or {}).get("policy", {})
         rank = lora.get("rank") or policy_cfg.get("lora_rank") or self.policy.cfg.lora_rank
         state = load_lora_state(path)
+        _check_finite(state)
         with self._lock:
             self._count += 1
             name = f"served_{self._count}"  # peft adapter names become module keys: no '.' or '@'
@@ -170,9 +266,7 @@ class ImageGenerator:
             try:
                 result = set_peft_model_state_dict(unet, state, adapter_name=name)
                 if getattr(result, "unexpected_keys", None):
-                    raise CheckpointError(
-                        f"checkpoint {str(path)!r} has LoRA keys this model lacks: {result.unexpected_keys[:3]}"
-                    )
+                    raise CheckpointError(f"it has LoRA keys this model lacks: {result.unexpected_keys[:3]}")
             except Exception:
                 unet.delete_adapters(name)
                 raise
@@ -188,10 +282,13 @@ class ImageGenerator:
                     self.policy.unet.delete_adapters(model.adapter)
                 logger.info("unloaded adapter %s (%s)", model.adapter, model.key)
             model.unet = None
+            model.unloaded = True
 
     @contextlib.contextmanager
     def _active(self, model: LoadedModel) -> Iterator[None]:
         """Within this context the policy predicts with the given model (caller holds the lock)."""
+        if model.unloaded:
+            raise RuntimeError(f"model {model.key!r} was unloaded while a request still used it")
         policy = self.policy
         if model.unet is not None:
             live, policy.unet = policy.unet, model.unet
@@ -229,58 +326,254 @@ class ImageGenerator:
             outs.append(fn(*parts)[:real])
         return torch.cat(outs)
 
-    def check(self, spec: GenerationSpec) -> tuple[int, int, int]:
-        """Latent shape (C, h, w) of a request; InvalidRequestError if this model cannot take its size."""
+    def check(self, spec: GenerationSpec, limits: CostLimits | None = None) -> tuple[int, int, int]:
+        """Latent shape (C, h, w) of a request; InvalidRequestError if this model cannot take its size or it
+        exceeds the limits."""
         f = self.policy.vae_scale_factor
         for name, v in (("height", spec.height), ("width", spec.width)):
             if v is not None and v % f:
-                raise InvalidRequestError(f"{name}={v} must be a multiple of {f} for this model's VAE")
+                raise InvalidRequestError(
+                    f"{name}={v} must be a multiple of {f} for this model's VAE",
+                    param=name,
+                    code="invalid_size",
+                )
+        if limits is not None:
+            self._check_limits(spec, limits)
         return self.policy.latent_shape(spec.height, spec.width)
 
+    def _check_limits(self, spec: GenerationSpec, limits: CostLimits) -> None:
+        native = self.default_size
+        height, width = spec.height or native, spec.width or native
+        if limits.max_side_px is not None:
+            max_side, how = limits.max_side_px, "max_side_px"
+        else:
+            max_side = int(limits.max_side_factor * native) // self.policy.vae_scale_factor
+            max_side *= self.policy.vae_scale_factor
+            how = f"max_side_factor={limits.max_side_factor:g} x the model's native {native} px"
+        for name, v in (("height", height), ("width", width)):
+            if v > max_side:
+                raise InvalidRequestError(
+                    f"{name}={v} is larger than this model serves: at most {max_side} px ({how}; "
+                    "see serve/config.yaml)",
+                    param=name,
+                    code="size_limit",
+                    limit={"name": "max_side_px", "value": v, "allowed": max_side},
+                )
+        cost = pixel_steps(spec.n, height, width, spec.num_inference_steps)
+        if limits.max_pixel_steps is not None and cost > limits.max_pixel_steps:
+            raise InvalidRequestError(
+                f"the request costs n x height x width x num_inference_steps = {spec.n} x {height} x {width} x "
+                f"{spec.num_inference_steps} = {cost} pixel-steps; max_pixel_steps={limits.max_pixel_steps} "
+                "allows at most that: ask for fewer images, pixels or steps",
+                param=None,
+                code="cost_limit",
+                limit={"name": "max_pixel_steps", "value": cost, "allowed": limits.max_pixel_steps},
+            )
+
+    def _acquire(self, tokens: Sequence[CancelToken | None]) -> bool:
+        """Take the lock, or give up (False) once every token is cancelled."""
+        while not self._lock.acquire(timeout=0.05):
+            if all(t is not None and t.cancelled for t in tokens):
+                return False
+        return True
+
     @torch.no_grad()
-    def generate(self, model: LoadedModel, specs: list[GenerationSpec]) -> list[list[bytes]]:
-        """PNG bytes of every image of every request (requests share ``batch_key``), in order."""
+    def generate(
+        self,
+        model: LoadedModel,
+        specs: list[GenerationSpec],
+        tokens: Sequence[CancelToken | None] | None = None,
+    ) -> list[list[bytes] | None]:
+        """PNG bytes of every image of every request (requests share ``batch_key``), in order; None for a
+        request whose token was cancelled. Raises GenerationCancelled once every request is cancelled."""
         if not specs:
             return []
         key = specs[0].batch_key()
         if any(s.batch_key() != key for s in specs):
             raise ValueError("generate() takes requests with one (height, width, steps, guidance, eta)")
+        tokens = list(tokens) if tokens is not None else [None] * len(specs)
+        if len(tokens) != len(specs):
+            raise ValueError(f"{len(tokens)} tokens for {len(specs)} requests")
         first = specs[0]
         shape = self.check(first)
         policy = self.policy
-        with self._lock, self._active(model):
-            t_grid = policy.time_grid(first.num_inference_steps)
-            prompts = [s.prompt for s in specs for _ in range(s.n)]
-            emb = self._chunked(policy.encode_prompts, prompts)
-            guided = first.guidance_scale > 1.0  # as sampling._guided
-            neg = None
-            if guided:
-                negatives = [s.negative_prompt for s in specs for _ in range(s.n)]
-                neg = self._chunked(policy.encode_prompts, negatives)
-            gens = [torch.Generator(device=policy.device).manual_seed(s.seed) for s in specs]
+        alive = list(range(len(specs)))  # requests still wanted, in order; their rows make up x, emb, neg
 
-            def noise(like_shape: tuple[int, ...]) -> Tensor:
-                draws = [
-                    torch.randn((s.n, *like_shape), generator=g, device=policy.device, dtype=torch.float32)
-                    for s, g in zip(specs, gens, strict=True)
-                ]
-                return torch.cat(draws)
+        def drop_cancelled(*rows: Tensor | None) -> list[Tensor | None]:
+            """Drop the rows of requests cancelled since the last call (raise once none is left)."""
+            nonlocal alive
+            keep = [i for i in alive if tokens[i] is None or not tokens[i].cancelled]
+            if not keep:
+                reasons = sorted({t.reason for t in tokens if t is not None})
+                raise GenerationCancelled(f"every request was cancelled ({', '.join(reasons)})")
+            if keep == alive:
+                return list(rows)
+            offsets, o = {}, 0
+            for i in alive:
+                offsets[i] = o
+                o += specs[i].n
+            index = torch.tensor([offsets[i] + j for i in keep for j in range(specs[i].n)])
+            alive = keep
+            return [r if r is None else r[index.to(r.device)] for r in rows]
 
-            x = noise(shape)
-            for k in range(first.num_inference_steps):
-                t, s = t_grid[k], t_grid[k + 1]
+        if not self._acquire(tokens):
+            drop_cancelled()  # raises
+        try:
+            with self._active(model):
+                drop_cancelled()
+                t_grid = policy.time_grid(first.num_inference_steps)
+                prompts = [specs[i].prompt for i in alive for _ in range(specs[i].n)]
+                emb = self._chunked(policy.encode_prompts, prompts)
+                guided = first.guidance_scale > 1.0  # as sampling._guided
+                neg = None
+                if guided:
+                    negatives = [specs[i].negative_prompt for i in alive for _ in range(specs[i].n)]
+                    neg = self._chunked(policy.encode_prompts, negatives)
+                gens = {i: torch.Generator(device=policy.device).manual_seed(specs[i].seed) for i in alive}
 
-                def eps_fn(x_c: Tensor, e_c: Tensor, n_c: Tensor | None = None, t=t) -> Tensor:
-                    return policy.predict_eps(x_c, t, e_c, n_c, first.guidance_scale)
+                def noise(like_shape: tuple[int, ...]) -> Tensor:
+                    draws = [
+                        torch.randn(
+                            (specs[i].n, *like_shape),
+                            generator=gens[i],
+                            device=policy.device,
+                            dtype=torch.float32,
+                        )
+                        for i in alive
+                    ]
+                    return torch.cat(draws)
 
-                eps = self._chunked(eps_fn, x, emb, neg) if guided else self._chunked(eps_fn, x, emb)
-                mean, std = step_mean_std("ddim", policy.schedule, eps, x, t, s, first.eta)
-                std = torch.as_tensor(std, device=mean.device).to(mean.dtype)
-                std = std.reshape(std.shape + (1,) * (mean.dim() - std.dim())) if std.dim() else std
-                x = mean + std * noise(tuple(mean.shape[1:]))  # as sde.sample_or_score
-            pixels = images_to_uint8(self._chunked(policy.decode, x))
-        out, i = [], 0
-        for s in specs:
-            out.append([encode_png(pixels[j]) for j in range(i, i + s.n)])
-            i += s.n
+                x = noise(shape)
+                for k in range(first.num_inference_steps):
+                    x, emb, neg = drop_cancelled(x, emb, neg)  # the compute stops within one step
+                    t, s = t_grid[k], t_grid[k + 1]
+
+                    def eps_fn(x_c: Tensor, e_c: Tensor, n_c: Tensor | None = None, t=t) -> Tensor:
+                        return policy.predict_eps(x_c, t, e_c, n_c, first.guidance_scale)
+
+                    eps = self._chunked(eps_fn, x, emb, neg) if guided else self._chunked(eps_fn, x, emb)
+                    mean, std = step_mean_std("ddim", policy.schedule, eps, x, t, s, first.eta)
+                    std = torch.as_tensor(std, device=mean.device).to(mean.dtype)
+                    std = std.reshape(std.shape + (1,) * (mean.dim() - std.dim())) if std.dim() else std
+                    x = mean + std * noise(tuple(mean.shape[1:]))  # as sde.sample_or_score
+                (x,) = drop_cancelled(x)
+                pixels = images_to_uint8(self._chunked(policy.decode, x))
+        finally:
+            self._lock.release()
+        out: list[list[bytes] | None] = [None] * len(specs)
+        row = 0
+        for i in alive:
+            out[i] = [encode_png(pixels[j]) for j in range(row, row + specs[i].n)]
+            row += specs[i].n
         return out
+
+
+def _check_finite(state: dict[str, Tensor]) -> None:
+    for name, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"its weights hold non-finite values (NaN or Inf) in {name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The replica's LRU of loaded models
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    task: asyncio.Future  # the load: its result is the LoadedModel
+    pins: int = 0
+
+
+class ModelCache:
+    """At most ``capacity`` loaded models, least recently used evicted first, never one in use.
+
+    ``use(key, path)`` pins the model (loading it if needed) for the ``async with`` block. A load that
+    needs a slot evicts the least recently used unpinned model (unloading it in the same worker thread,
+    before the new load); when every slot is pinned it waits for one up to ``wait_s``, then raises
+    ModelSlotsBusyError. Runs on one event loop (a Serve replica's); loads and unloads run in threads and
+    go on when the request that started them is cancelled (the next request finds the model loaded).
+    """
+
+    def __init__(self, load: Callable[[str, str | None, str | None], LoadedModel], capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity} must be >= 1")
+        self._load = load
+        self.capacity = capacity
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
+        self._waiters: set[asyncio.Future] = set()
+
+    def keys(self) -> list[str]:
+        """Keys held or loading, least recently used first."""
+        return list(self._slots)
+
+    def pins(self, key: str) -> int:
+        slot = self._slots.get(key)
+        return slot.pins if slot is not None else 0
+
+    @contextlib.asynccontextmanager
+    async def use(
+        self, key: str, path: str | None, model_id: str | None = None, wait_s: float = 10.0
+    ) -> AsyncIterator[LoadedModel]:
+        slot = await self._pin(key, path, model_id, wait_s)
+        try:
+            model = await asyncio.shield(slot.task)
+            yield model
+        finally:
+            slot.pins -= 1
+            self._wake()
+
+    async def _pin(self, key: str, path: str | None, model_id: str | None, wait_s: float) -> _Slot:
+        deadline = time.monotonic() + wait_s
+        while True:
+            slot = self._slots.get(key)
+            if slot is not None:
+                slot.pins += 1
+                self._slots.move_to_end(key)
+                return slot
+            evicted = self._evict() if len(self._slots) >= self.capacity else None
+            if len(self._slots) < self.capacity:
+                task = asyncio.ensure_future(asyncio.to_thread(self._swap, evicted, key, path, model_id))
+                slot = self._slots[key] = _Slot(task, pins=1)
+                task.add_done_callback(functools.partial(self._loaded, key, slot))
+                return slot
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ModelSlotsBusyError(
+                    f"all {self.capacity} model slots of this replica (max_loaded_models) hold models in use by "
+                    f"other requests, and none freed within {wait_s:g} s; retry later"
+                )
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.add(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.discard(waiter)
+
+    def _evict(self) -> LoadedModel | None:
+        """Drop the least recently used loaded, unpinned model from the table; the caller unloads it."""
+        for key, slot in self._slots.items():
+            if slot.pins == 0 and slot.task.done():
+                del self._slots[key]
+                if slot.task.cancelled() or slot.task.exception() is not None:
+                    return None
+                return slot.task.result()
+        return None
+
+    def _swap(self, old: LoadedModel | None, key: str, path: str | None, model_id: str | None) -> LoadedModel:
+        if old is not None:
+            old.unload()
+        return self._load(key, path, model_id)
+
+    def _loaded(self, key: str, slot: _Slot, task: asyncio.Future) -> None:
+        if task.cancelled() or task.exception() is not None:  # also marks the exception retrieved
+            if self._slots.get(key) is slot:
+                del self._slots[key]
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)

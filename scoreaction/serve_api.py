@@ -9,7 +9,11 @@ Two generation calls:
   works unchanged.
 
 Every bound lives here, once, and the error a client sees names the field, the value and what is allowed.
-Models are strict: "20" is not an integer, ``true`` is not a number, NaN and infinity are not finite.
+Models are strict: "20" is not an integer, ``true`` is not a number, NaN and infinity are not finite, and text
+is valid Unicode: a string holding a lone UTF-16 surrogate (JSON can carry ``"\\ud800"``) is refused, since
+neither the tokenizer nor UTF-8 can take it. Sizes are ASCII digits ("５１２x５１２" is refused, though ``int``
+would read it). The cost of a request (``pixel_steps``) is bounded by the service's settings, checked where the
+model's native size is known (the model replica).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; 1000 characters is far more than it can use.
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 8, 1024, 8
@@ -27,7 +31,25 @@ MAX_GUIDANCE = 30.0
 MAX_N = 4
 MAX_SEED = 2**63 - 1
 MAX_BODY_BYTES = 64 * 1024
-_SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # fullmatch: ASCII digits only, no trailing newline
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone UTF-16 surrogate in text, or None. (json.loads joins escaped pairs such as
+    "\\ud83d\\ude00" into one character, so any surrogate left in a decoded string is a lone one.)"""
+    m = _SURROGATE_RE.search(text)
+    return m.start() if m else None
+
+
+def clean_text(text: str) -> str:
+    """text with every lone surrogate replaced by U+FFFD, so it always encodes as UTF-8."""
+    return _SURROGATE_RE.sub("\ufffd", text) if lone_surrogate(text) is not None else text
+
+
+def pixel_steps(n: int, height: int, width: int, steps: int) -> int:
+    """The cost of a request: images x pixels x denoising steps (what the UNet's work scales with)."""
+    return n * height * width * steps
 
 
 def check_size(name: str, value: int | None) -> int | None:
@@ -43,6 +65,16 @@ def check_size(name: str, value: int | None) -> int | None:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, v: object, info: ValidationInfo) -> object:
+        if isinstance(v, str) and (i := lone_surrogate(v)) is not None:
+            raise ValueError(
+                f"{info.field_name} holds a lone UTF-16 surrogate ({ascii(v[i])}) at character {i}: not valid "
+                "Unicode text; send UTF-8, or \\u escapes only of whole surrogate pairs"
+            )
+        return v
 
 
 class GenerateRequest(_Strict):
@@ -99,9 +131,9 @@ class OpenAIImageRequest(_Strict):
     def _size(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        m = _SIZE_RE.match(v)
+        m = _SIZE_RE.fullmatch(v)
         if not m:
-            raise ValueError(f"size={v!r} must look like 'WIDTHxHEIGHT', e.g. '64x64'")
+            raise ValueError(f"size={ascii(v)} must look like 'WIDTHxHEIGHT' in ASCII digits, e.g. '64x64'")
         check_size("width", int(m.group(1)))
         check_size("height", int(m.group(2)))
         return v
@@ -109,7 +141,9 @@ class OpenAIImageRequest(_Strict):
     def to_native(self, steps: int, guidance_scale: float) -> GenerateRequest:
         width = height = None
         if self.size is not None:
-            width, height = (int(x) for x in self.size.split("x"))
+            m = _SIZE_RE.fullmatch(self.size)
+            assert m is not None  # checked by _size
+            width, height = int(m.group(1)), int(m.group(2))
         return GenerateRequest(
             prompt=self.prompt,
             n=self.n,
@@ -168,6 +202,10 @@ class ModelInfo(BaseModel):
     )
     alias_of: str | None = Field(None, description="For a run: the checkpoint id it currently names.")
     base_model: str | None = None
+    available: bool = Field(
+        True, description="False for a checkpoint or run that cannot be served now (see reason)."
+    )
+    reason: str | None = Field(None, description="Why the model is unavailable (available: false).")
 
 
 class ModelList(BaseModel):
@@ -177,12 +215,19 @@ class ModelList(BaseModel):
 
 
 def jsonable(value: object, max_chars: int = 80) -> object:
-    """A request value safe to echo in a JSON error: finite numbers as is, others as text, long text cut."""
+    """A request value safe to echo in a JSON error: finite numbers as is, others as text, long text cut, lone
+    surrogates replaced (so the error body always encodes)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, str) and len(value) > max_chars:
-        return f"{value[:max_chars]}... ({len(value)} characters)"
-    if isinstance(value, bool | int | float | str) or value is None:
+    if isinstance(value, str):
+        text = clean_text(value)
+        return f"{text[:max_chars]}... ({len(text)} characters)" if len(text) > max_chars else text
+    if isinstance(value, bool | float) or value is None:
         return value
-    text = repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > 10_000:  # str() refuses ints past 4300 digits
+            return f"an integer of {value.bit_length()} bits"
+        text = str(value)
+        return value if len(text) <= 20 else f"{text[:20]}... ({len(text)} digits)"
+    text = clean_text(repr(value))
     return text if len(text) <= max_chars else f"{text[:max_chars]}... ({type(value).__name__})"

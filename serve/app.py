@@ -6,13 +6,20 @@ Ingress (``Ingress``): routes, validation, auth, the body limit, metrics, the mo
 disk on every call). It resolves the request's model id (a run name follows the run's latest checkpoint) and
 routes to the model deployment with ``handle.options(multiplexed_model_id=...)``.
 
-Model (``ImageModel``): the base model plus an LRU of checkpoints per replica (``@serve.multiplexed``),
-batching of compatible requests (``@serve.batch``; requests with the same size, steps, guidance and eta share
-network calls), generation in a worker thread so the replica keeps answering while it computes.
+Model (``ImageModel``): the base model plus an LRU of checkpoints per replica (``generate.ModelCache``: a model
+is pinned while a request uses it, so it is never evicted under it; ``@serve.multiplexed`` only tells Serve's
+router which replica holds which model), the cost limits (422), batching of compatible requests
+(``@serve.batch``; requests with the same size, steps, guidance and eta share network calls), generation in
+a worker thread so the replica keeps answering while it computes.
 
 Overload: each deployment has ``max_ongoing_requests`` and ``max_queued_requests``. When the model queue is
 full the ingress answers 503 with Retry-After; when the ingress queue is full Serve's proxy does (its
-``backpressure_config``). A generation past ``request_timeout_s`` answers 504 and is cancelled.
+``backpressure_config``). A generation past ``request_timeout_s`` answers 504 and is cancelled: the ingress
+cancels the model call, which sets the request's ``CancelToken``, and the generation thread stops within one
+denoising step (the token also carries the deadline itself). A client that disconnects cancels the same way.
+
+No answer is a 500: every error a request can cause maps to a 4xx, transient trouble to 503/504, and
+``GuardMiddleware`` turns anything unexpected into a 503 (logged).
 """
 
 import asyncio
@@ -20,7 +27,6 @@ import base64
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,7 +37,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scoreaction.catalog import CheckpointCatalog, ModelIdError, UnknownModelError
+from scoreaction.catalog import CheckpointCatalog
 from scoreaction.serve_api import (
     GenerateRequest,
     GenerateResponse,
@@ -43,8 +49,9 @@ from serve.metrics import IngressMetrics, ModelMetrics
 from serve.settings import ModelArgs, ServeSettings
 from serve.web import (
     GuardMiddleware,
+    SafeJSONResponse,
     error_response,
-    exception_status,
+    exception_response,
     http_error_handler,
     prefers_png,
     validation_error_handler,
@@ -56,6 +63,7 @@ app = FastAPI(
     title="scoreaction image service",
     description="Images from the base model or any fine-tuned checkpoint; OpenAI Images API compatible subset.",
     version="1",
+    default_response_class=SafeJSONResponse,
 )
 app.add_exception_handler(RequestValidationError, validation_error_handler)
 app.add_exception_handler(StarletteHTTPException, http_error_handler)
@@ -82,63 +90,93 @@ app.add_middleware(GuardMiddleware, observe=lambda: _METRICS[0].observe if _METR
     ray_actor_options={"num_cpus": 1},
 )
 class ImageModel:
-    """Base model + LRU of checkpoints; batched, deterministic generation."""
+    """Base model + LRU of checkpoints (pinned while in use); cost limits; batched, deterministic,
+    cancellable generation."""
 
     def __init__(self, args: dict[str, Any] | None = None) -> None:
         import torch
 
-        from scoreaction.generate import ImageGenerator
+        from scoreaction.generate import ImageGenerator, ModelCache
 
         self.args = ModelArgs.model_validate(args or {})
         if self.args.torch_threads:
             torch.set_num_threads(self.args.torch_threads)
+        self.settings = ServeSettings()
         self.generator = ImageGenerator.from_config(self.args.base_model, chunk=self.args.chunk)
-        self._paths: OrderedDict[str, str | None] = OrderedDict()
+        self.cache = ModelCache(self.generator.load, self.args.max_loaded_models)
 
-        async def load(key: str):  # a plain function: Serve stores its LRU on the decorated object
-            return await asyncio.to_thread(self.generator.load, key, self._paths.get(key))
+        async def route(key: str) -> str:  # a plain function: Serve stores its LRU on the decorated object
+            return key  # only so the router sends a model's requests to the replica holding it
 
-        self.get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_loaded_models)(load)
+        self._route = serve.multiplexed(max_num_models_per_replica=self.args.max_loaded_models)(route)
         self.metrics = ModelMetrics()
         logger.info("ImageModel ready: base %s, chunk %d", self.generator.policy.base_model, self.args.chunk)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        settings = ServeSettings.model_validate(user_config or {})
-        self._batched.set_max_batch_size(settings.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.settings = ServeSettings.model_validate(user_config or {})
+        self._batched.set_max_batch_size(self.settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
-    async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
-        """job: GenerationSpec fields + 'path' (checkpoint folder or None) + 'model' (concrete id)."""
-        from scoreaction.generate import GenerationSpec
+    async def generate(self, job: dict[str, Any]) -> dict[str, Any] | Exception:
+        """job: GenerationSpec fields + 'path' (checkpoint folder or None), 'model' (concrete id) and
+        'timeout_s' (the request's deadline from now). An error with an HTTP status (a limit, a broken
+        checkpoint, busy slots, a timeout) is returned, not raised: it is an answer, not a replica failure."""
+        from scoreaction.generate import CancelToken, GenerationSpec
 
+        arrived = time.perf_counter()
         key = serve.get_multiplexed_model_id()
-        self._paths[key] = job["path"]
-        self._paths.move_to_end(key)
-        while len(self._paths) > 1024:
-            self._paths.popitem(last=False)
-        model = await self.get_model(key)
-        spec = GenerationSpec(**{k: v for k, v in job.items() if k not in ("path", "model")})
-        self.generator.check(spec)  # size this model cannot take: 422 before queueing
-        return await self._batched((spec, model, time.perf_counter(), job["model"]))
+        spec = GenerationSpec(**{k: v for k, v in job.items() if k not in ("path", "model", "timeout_s")})
+        token = CancelToken(job.get("timeout_s"))
+        try:
+            self.generator.check(spec, self.settings.limits())  # size or cost refused: 422 before queueing
+            await self._route(key)
+            wait_s = min(self.settings.model_wait_s, token.remaining() or self.settings.model_wait_s)
+            async with self.cache.use(key, job["path"], job["model"], wait_s) as model:
+                try:
+                    out = await self._batched((spec, model, token, arrived, job["model"]))
+                except BaseException:  # cancelled (timeout, client gone) or failed: stop the compute
+                    token.cancel()
+                    raise
+        except Exception as exc:
+            if isinstance(getattr(type(exc), "status_code", None), int):
+                return exc
+            raise
+        return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[tuple]) -> list[dict[str, Any]]:
+    async def _batched(self, items: list[tuple]) -> list[dict[str, Any] | BaseException]:
+        from scoreaction.generate import GenerationCancelled
+
         start = time.perf_counter()
         groups: dict[tuple, list[int]] = {}
-        for i, (spec, model, _, _) in enumerate(items):
+        results: list[dict[str, Any] | BaseException | None] = [None] * len(items)
+        for i, (spec, model, token, _, _) in enumerate(items):
+            if token.cancelled:  # given up while queued: never computed
+                results[i] = GenerationCancelled(f"the request was cancelled before it ran ({token.reason})")
+                continue
             groups.setdefault((id(model), spec.batch_key()), []).append(i)
-        results: list[dict[str, Any] | None] = [None] * len(items)
         self.metrics.batch(len(items))
         for idx in groups.values():
             model = items[idx[0]][1]
             specs = [items[i][0] for i in idx]
+            tokens = [items[i][2] for i in idx]
             t0 = time.perf_counter()
-            pngs = await asyncio.to_thread(self.generator.generate, model, specs)
+            try:
+                pngs = await asyncio.to_thread(self.generator.generate, model, specs, tokens)
+            except GenerationCancelled as exc:
+                self.metrics.cancelled(len(idx))
+                for i in idx:
+                    results[i] = exc
+                continue
             ms = (time.perf_counter() - t0) * 1000
             c, h, w = self.generator.check(specs[0])
             f = self.generator.policy.vae_scale_factor
             for i, images in zip(idx, pngs, strict=True):
-                spec, _, arrived, model_id = items[i]
+                spec, _, token, arrived, model_id = items[i]
+                if images is None:
+                    self.metrics.cancelled(1)
+                    results[i] = GenerationCancelled(f"the request was cancelled ({token.reason})")
+                    continue
                 self.metrics.images(model_id, len(images))
                 results[i] = {
                     "images": images,
@@ -154,6 +192,10 @@ class ImageModel:
 
     async def default_size(self) -> int:
         return self.generator.default_size
+
+    async def loaded_models(self) -> list[str]:
+        """Keys of the models this replica holds (LRU order): for tests and debugging."""
+        return self.cache.keys()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,47 +288,61 @@ class Ingress:
         }
 
     async def _run(self, body: GenerateRequest) -> dict[str, Any] | Response:
-        """Resolve the model, call the model deployment, map failures to statuses."""
-        model_id = body.model or self.settings.default_model
+        """Resolve the model, call the model deployment, map failures to statuses (never a 500)."""
+        settings = self.settings
+        retry = {"Retry-After": str(settings.retry_after_s)}
+        model_id = body.model or settings.default_model
         try:
             resolved = await asyncio.to_thread(self.catalog.resolve, model_id)
-        except (ModelIdError, UnknownModelError) as exc:
-            code = "model_not_found" if exc.status_code == 404 else "invalid_model_id"
-            message = exc.args[0] if exc.args else str(exc)
-            return error_response(exc.status_code, message, param="model", code=code)
+        except Exception as exc:  # 400 bad id, 404 unknown, 422 unusable, 503 being written
+            answer = exception_response(exc, settings.retry_after_s)
+            if answer is None:
+                raise
+            return answer
         job = body.model_dump(exclude={"model"})
         job["seed"] = body.seed if body.seed is not None else secrets.randbelow(2**32)
-        job.update(path=resolved.path, model=resolved.id)
+        timeout = settings.request_timeout_s
+        job.update(path=resolved.path, model=resolved.id, timeout_s=timeout)
         handle = self.model.options(multiplexed_model_id=resolved.key)
         response = handle.generate.remote(job)
-        timeout = self.settings.request_timeout_s
-        retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
-            return await asyncio.wait_for(_result(response), timeout=timeout)
+            out = await asyncio.wait_for(_result(response), timeout=timeout)
+            if isinstance(out, Exception):  # a limit, a broken checkpoint, busy slots, a timeout
+                return exception_response(out, settings.retry_after_s) or error_response(
+                    503,
+                    f"generation failed: {out}",
+                    code="generation_failed",
+                    type_="server_error",
+                    headers=retry,
+                )
+            return out
         except TimeoutError:
-            response.cancel()
+            response.cancel()  # the model replica's CancelToken stops the compute within one step
             message = (
-                f"generation took longer than request_timeout_s={timeout}s and was cancelled; retry later "
+                f"generation took longer than request_timeout_s={timeout:g}s and was cancelled; retry later "
                 "or ask for fewer steps, images or pixels"
             )
             return error_response(504, message, code="timeout", headers=retry)
+        except asyncio.CancelledError:  # the client went away: stop the compute too
+            response.cancel()
+            raise
         except BackPressureError as exc:
             ra = exc.retry_after_s
-            headers = {"Retry-After": str(int(ra) if ra is not None else self.settings.retry_after_s)}
+            headers = {"Retry-After": str(int(ra) if ra is not None else settings.retry_after_s)}
             return error_response(
                 503, f"overloaded, retry later: {exc.message}", code="overloaded", headers=headers
             )
         except DeploymentUnavailableError as exc:
             return error_response(503, f"model unavailable: {exc}", code="unavailable", headers=retry)
         except Exception as exc:
-            status = exception_status(exc)
+            answer = exception_response(exc, settings.retry_after_s)
+            if answer is not None:
+                return answer
             cause = getattr(exc, "cause", None) or exc
-            first_line = (str(cause).strip().splitlines() or [""])[0]
-            if status is not None and status < 500:
-                return error_response(status, first_line, code="invalid_request")
-            logger.exception("generation failed")
-            message = f"generation failed: {type(cause).__name__}: {first_line}"  # e.g. a broken checkpoint
-            return error_response(500, message, code="internal_error")
+            logger.error("generation failed: %s", exc)
+            first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+            message = f"generation failed: {type(cause).__name__}: {first_line}; retry later"
+            return error_response(503, message, code="generation_failed", type_="server_error", headers=retry)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Names (Ray prefixes ``ray_`` on export; Serve adds deployment, replica and appli
     scoreaction_request_latency_s{route}                     ingress latency (histogram)
     scoreaction_images_generated_total{model}                images produced by the model replicas
     scoreaction_batch_size                                   requests per model batch (histogram)
+    scoreaction_requests_cancelled_total                     requests whose generation stopped early
+                                                             (timed out or the client went away)
 """
 
 from __future__ import annotations
@@ -51,9 +53,16 @@ class ModelMetrics:
             description="Requests per model batch.",
             boundaries=BATCH_BOUNDARIES,
         )
+        self.cancelled_requests = metrics.Counter(
+            "scoreaction_requests_cancelled_total",
+            description="Requests whose generation stopped before it finished (timeout, client gone).",
+        )
 
     def images(self, model: str, count: int) -> None:
         self.generated.inc(count, tags={"model": model})
 
     def batch(self, size: int) -> None:
         self.batch_size.observe(size)
+
+    def cancelled(self, count: int) -> None:
+        self.cancelled_requests.inc(count)

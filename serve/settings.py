@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scoreaction.catalog import validate_model_id
 from scoreaction.config import ModelConfig
+from scoreaction.generate import CostLimits
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 API_KEY_ENV = "SCOREACTION_API_KEY"
@@ -32,12 +33,45 @@ class ServeSettings(BaseModel):
     )
     default_model: str = Field("base", description="Model used when a request names none.")
     request_timeout_s: float = Field(
-        60.0, gt=0, le=3600, description="A generation not done after this long answers 504."
+        60.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="A generation not done after this long answers 504; its compute stops within one step.",
     )
-    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After of 503 answers (overload).")
+    retry_after_s: int = Field(
+        1,
+        ge=0,
+        le=3600,
+        description="Retry-After of the ingress's 503 and 504 answers (overload, not ready).",
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests batched into one model call.")
     batch_wait_timeout_s: float = Field(
         0.05, ge=0, le=10, description="How long a batch waits to fill before it runs."
+    )
+    max_pixel_steps: int = Field(
+        52_428_800,
+        ge=1,
+        description="Cost bound of one request: n x height x width x num_inference_steps (default: four "
+        "512x512 images at 50 steps). More answers 422 naming the limit.",
+    )
+    max_side_factor: float = Field(
+        2.0,
+        gt=0,
+        le=16,
+        allow_inf_nan=False,
+        description="Longest side a model serves, as a multiple of its native size (tiny 64 px, sd15 512 px).",
+    )
+    max_side_px: int | None = Field(
+        None, ge=8, le=1024, description="Longest side in px for every model; None: max_side_factor decides."
+    )
+    model_wait_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="How long a request for a model that is not loaded waits for a free slot of the LRU when "
+        "every slot holds a model in use; then 503 + Retry-After.",
     )
 
     @field_validator("default_model")
@@ -45,6 +79,9 @@ class ServeSettings(BaseModel):
     def _model_id(cls, v: str) -> str:
         validate_model_id(v)
         return v
+
+    def limits(self) -> CostLimits:
+        return CostLimits(self.max_pixel_steps, self.max_side_px, self.max_side_factor)
 
     def root(self) -> Path:
         p = Path(os.path.expanduser(self.checkpoint_root))
