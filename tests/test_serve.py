@@ -109,7 +109,10 @@ def service(tmp_path_factory, tiny_dir):
     ingress, model = app["deployments"]
     model.update(max_ongoing_requests=4, max_queued_requests=4)  # a deliberately small queue
     for d in (ingress, model):
-        d["user_config"] = dict(d["user_config"], checkpoint_root=str(root), max_batch_size=4)
+        # max_pixel_steps: 2 x 128 x 128 x 120 fits (the slow request of the timeout test), 4 x 128^2 x 150 not
+        d["user_config"] = dict(
+            d["user_config"], checkpoint_root=str(root), max_batch_size=4, max_pixel_steps=4_000_000
+        )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         svc = Service(config, root, port, policy)
@@ -121,9 +124,23 @@ def service(tmp_path_factory, tiny_dir):
         ray.shutdown()
 
 
+def assert_documented(r: httpx.Response) -> None:
+    """Every answer is a 2xx, a 4xx or a 503/504, and every error has the documented JSON shape."""
+    assert r.status_code < 300 or 400 <= r.status_code < 500 or r.status_code in (503, 504), (
+        r.status_code,
+        r.text,
+    )
+    if r.status_code >= 400:
+        assert r.headers["content-type"].startswith("application/json"), r.headers
+        err = r.json()["error"]
+        assert {"message", "type", "param", "code"} <= set(err) and err["message"], err
+        if r.status_code in (503, 504):
+            assert int(r.headers["retry-after"]) >= 0
+
+
 def assert_error(r: httpx.Response, status: int, param: str | None = None, text: str = "") -> dict:
     assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
+    assert_documented(r)
     err = r.json()["error"]
     assert err["message"] and text.lower() in err["message"].lower(), err
     if param is not None:
@@ -233,6 +250,40 @@ BAD = [
     ({"prompt": "a", "model": ".."}, 400, "model", "never contain"),
     ({"prompt": "a", "model": "nope"}, 404, "model", "unknown"),
     ({"prompt": "a", "model": "demo@step_000777"}, 404, "model", "no checkpoint"),
+    # text that is not valid Unicode, keys included (json.loads yields lone surrogates from "\ud800")
+    (b'{"prompt": "a\\ud800"}', 422, "prompt", "surrogate"),
+    (b'{"prompt": "a", "negative_prompt": "\\udc00"}', 422, "negative_prompt", "surrogate"),
+    (b'{"prompt": "a", "model": "demo\\ud800"}', 422, "model", "surrogate"),
+    (b'{"prompt": "a", "\\ud800": 1}', 422, "body", "surrogate"),
+    (b'{"\\ud800": "\\ud800"}', 422, None, ""),
+    # ids with a trailing newline or non-ASCII digits
+    ({"prompt": "a", "model": "demo\n"}, 400, "model", "not a model id"),
+    ({"prompt": "a", "model": "base\n"}, 400, "model", "not a model id"),
+    ({"prompt": "a", "model": "demo@step_٠٠٠٠٠١"}, 400, "model", "not a model id"),
+    # numbers: huge, negative, float, bool; wrong types; bodies that are not objects
+    (b'{"prompt": "a", "seed": 18446744073709551616}', 422, "seed", "less than or equal"),
+    (b'{"prompt": "a", "seed": -1}', 422, "seed", "greater than or equal"),
+    (b'{"prompt": "a", "n": 1e400}', 422, "n", "integer"),
+    (b'{"prompt": "a", "n": 2.0}', 422, "n", "integer"),
+    (b'{"prompt": "a", "height": 64.0}', 422, "height", "integer"),
+    (b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", 400, None, "JSON"),
+    ({"prompt": "a", "eta": False}, 422, "eta", "number"),
+    ({"prompt": ["a"]}, 422, "prompt", "string"),
+    ({"prompt": {"a": 1}}, 422, "prompt", "string"),
+    (b"null", 422, "body", "dictionary"),
+    (b"42", 422, "body", "dictionary"),
+    (b'"a cat"', 422, "body", "dictionary"),
+    (b"", 422, "body", "required"),
+    (b"[" * 20000 + b"]" * 20000, 400, None, "JSON"),
+    (b'{"prompt": "\xff\xfe"}', 400, None, "UTF-8"),
+    # bounded cost: the model's longest side (2 x its native 64 px) and the pixel-steps budget
+    ({"prompt": "a", "width": 256}, 422, "width", "at most 128 px"),
+    (
+        {"prompt": "a", "n": 4, "width": 128, "height": 128, "num_inference_steps": 150},
+        422,
+        None,
+        "max_pixel_steps",
+    ),
 ]
 
 
@@ -243,8 +294,165 @@ def test_bad_input_gets_a_clear_json_error(service, body, status, param, text):
     else:
         r = service.http.post("/v1/generate", json=body)
     err = assert_error(r, status, param, text)
-    if status == 422:
+    if status == 422 and err["code"] == "validation_error" and param is not None:
         assert err["errors"][0]["field"] == param and "value" in err["errors"][0]
+
+
+def test_over_budget_requests_name_the_limit_the_value_and_what_is_allowed(service):
+    r = service.generate(n=4, width=128, height=128, num_inference_steps=150)
+    err = assert_error(r, 422, None, "4 x 128 x 128 x 150")
+    assert err["code"] == "cost_limit"
+    assert err["limit"] == {"name": "max_pixel_steps", "value": 4 * 128 * 128 * 150, "allowed": 4_000_000}
+    r = service.http.post("/v1/images/generations", json={"prompt": "a", "size": "64x256"})
+    err = assert_error(r, 422, "height", "at most 128 px")
+    assert err["code"] == "size_limit" and err["limit"] == {
+        "name": "max_side_px",
+        "value": 256,
+        "allowed": 128,
+    }
+    r = service.http.post("/v1/images/generations", json={"prompt": "a", "size": "５１２x５１２"})
+    assert_error(r, 422, "size", "ASCII digits")
+
+
+def test_odd_requests_never_answer_500(service):
+    """Content types, methods, paths and headers outside the API: documented JSON errors, never a 500."""
+    body = b'{"prompt": "a", "num_inference_steps": 2}'
+    for ctype in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "image/png",
+    ):
+        r = service.http.post("/v1/generate", content=body, headers={"Content-Type": ctype})
+        assert_error(r, 415, "Content-Type", "application/json")
+    answers = [
+        service.http.put("/v1/generate", content=body),
+        service.http.get("/v1/generate"),
+        service.http.post("/v1/models"),
+        service.http.get("/v1/nope/%ED%A0%80"),
+        service.http.get("/v1/models?limit=%ED%A0%80"),
+        service.http.post("/v1/generate", content=body, headers={"Accept": "image/png;q=nan, */*;q=inf"}),
+        service.http.post(
+            "/v1/generate", content=body, headers={"Content-Type": "application/json; charset=latin-1"}
+        ),
+        service.http.post("/v1/images/generations", content=b'{"prompt": "a", "user": "\\ud800"}'),
+    ]
+    for r in answers:
+        assert_documented(r)
+    assert [r.status_code for r in answers[:4]] == [405, 405, 405, 404]
+
+
+def test_broken_checkpoints_answer_clear_errors_and_never_break_the_listing(service):
+    """A corrupt checkpoint is a 422, one still being written a 503 + Retry-After, and GET /v1/models lists
+    both as unavailable with the reason."""
+    run = service.root / "broken"
+    save_run_checkpoint(service.policy, run, 1)
+    weights = run / "checkpoints" / "step_000001" / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    save_run_checkpoint(service.policy, run, 2)
+    (run / "checkpoints" / "step_000002" / "checkpoint.json").write_text("{not json")
+    (run / "checkpoints" / "step_000003").mkdir()  # renamed into place, metadata not yet written
+    listing = service.http.get("/v1/models")
+    assert listing.status_code == 200, listing.text
+    ids = {m["id"]: m for m in listing.json()["data"]}
+    assert ids["demo@step_000001"]["available"]
+    assert (
+        not ids["broken@step_000002"]["available"] and "not valid JSON" in ids["broken@step_000002"]["reason"]
+    )
+    assert (
+        not ids["broken@step_000003"]["available"] and "being written" in ids["broken@step_000003"]["reason"]
+    )
+    err = assert_error(service.generate(model="broken@step_000001"), 422, "model", "cannot be loaded")
+    assert err["code"] == "model_unusable" and str(service.root) not in err["message"]
+    err = assert_error(service.generate(model="broken@step_000002"), 422, "model", "not valid JSON")
+    r = service.generate(model="broken@step_000003")
+    err = assert_error(r, 503, "model", "being written")
+    assert err["code"] == "model_not_ready" and r.headers["retry-after"] == "1"
+    assert service.generate(seed=1, model="demo@step_000001").status_code == 200  # the rest serves on
+
+
+def test_more_distinct_checkpoints_at_once_than_the_lru_holds(service):
+    """6 distinct models at once on a replica holding 3 (max_loaded_models): a model in use is never evicted,
+    so every answer is the image that model gives alone (200), or a 503 + Retry-After; never a 500."""
+    for step in range(11, 16):
+        randomize_lora(service.policy, seed=step)
+        save_run_checkpoint(service.policy, service.root / "many", step)
+    models = ["base"] + [f"many@step_{s:06d}" for s in range(11, 16)]
+
+    def one(model: str) -> httpx.Response:
+        return service.generate(seed=4, model=model, num_inference_steps=2)
+
+    with ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(one, models))
+    for r in answers:
+        assert_documented(r)
+    assert [r.status_code for r in answers].count(200) >= 3, [r.text for r in answers]
+    for model, r in zip(models, answers, strict=True):
+        if r.status_code == 200:
+            assert r.json()["model"] == model
+            assert one(model).json()["images"] == r.json()["images"], model  # the right model, unharmed
+        else:
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_slots_busy", r.text
+    served = [r.json()["images"][0]["b64_png"] for r in answers if r.status_code == 200]
+    assert len(set(served)) == len(served)  # distinct models, distinct images
+
+
+SLOW = {"n": 2, "width": 128, "height": 128, "num_inference_steps": 120, "guidance_scale": 7.5}
+
+
+def test_a_timed_out_generation_stops_and_frees_the_replica(service):
+    """A generation past request_timeout_s answers 504 and its compute stops within a step: a small request
+    sent at once is answered in its normal time, not after the slow one's remaining minute. The same for a
+    client that gives up and disconnects."""
+    t0 = time.perf_counter()
+    assert service.generate(seed=1).status_code == 200
+    normal = time.perf_counter() - t0
+
+    # a client that disconnects: its generation stops too
+    impatient = httpx.Client(base_url=service.http.base_url, timeout=1.5, headers=AUTH)
+    with pytest.raises(httpx.TimeoutException):
+        impatient.post("/v1/generate", json={"prompt": "slow", "seed": 2, **SLOW})
+    t0 = time.perf_counter()
+    r = service.generate(seed=3)
+    assert r.status_code == 200, r.text
+    after_disconnect = time.perf_counter() - t0
+
+    service.deploy(request_timeout_s=2, default_model="demo@step_000001")
+    service.wait_default("demo@step_000001")  # the new settings are in effect
+    try:
+        t0 = time.perf_counter()
+        r = service.generate(seed=2, model="base", **{"prompt": "slow", **SLOW})
+        assert_error(r, 504, None, "request_timeout_s=2")
+        assert time.perf_counter() - t0 < 10
+        t0 = time.perf_counter()
+        r = service.generate(seed=3, model="base")
+        assert r.status_code == 200, r.text
+        after_timeout = time.perf_counter() - t0
+    finally:
+        service.deploy()
+        service.wait_default("base")
+    # uncancelled, the slow request holds the model for about 2 x 16 x 120 / 3 = 1280 small requests' steps
+    limit = max(5.0, 4 * normal)
+    assert after_disconnect < limit and after_timeout < limit, (normal, after_disconnect, after_timeout)
+
+
+def test_the_openai_client_works_against_the_service(service):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{service.http.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    out = client.images.generate(
+        model="demo@step_000001", prompt="a lighthouse", n=2, size="64x64", response_format="b64_json"
+    )
+    assert len(out.data) == 2 and decode_png(out.data[0].b64_json).size == (64, 64)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.images.generate(prompt="a lighthouse", size="1024x1024", response_format="b64_json")
+    assert info.value.code == "size_limit" and info.value.param == "height"  # checked first
+    with pytest.raises(openai.NotFoundError) as info:
+        client.images.generate(model="nope", prompt="a", response_format="b64_json")
+    assert info.value.code == "model_not_found"
+    bad = openai.OpenAI(base_url=f"{service.http.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.images.generate(prompt="a", response_format="b64_json")
 
 
 def test_oversized_bodies_get_413(service):
