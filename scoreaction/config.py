@@ -438,8 +438,8 @@ def format_validation_error(exc: ValidationError) -> str:
         value = err.get("input")
         if not loc:
             lines.append(msg)
-        elif err["type"] == "value_error" and isinstance(value, dict):
-            lines.append(f"{loc}: {msg}")
+        elif err["type"] == "value_error" and isinstance(value, dict) and len(repr(value)) > 120:
+            lines.append(f"{loc}: {msg}")  # a whole section's check: its message names the fields
         else:
             lines.append(f"{loc}={value!r}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
