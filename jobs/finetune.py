@@ -1,7 +1,7 @@
 """scoreaction's main job: fine-tune a diffusion model with CTRL (score as action) or DDPO on Ray.
 
     python jobs/finetune.py [--preset NAME] [--config FILE.yaml] [--set dotted.key=value ...]
-                            [--output-dir DIR] [--resume] [--dry-run] [--single-process]
+                            [--output-dir DIR] [--resume] [--dry-run] [--single-process] [--print-config]
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/finetune.py --output-dir /shared/run
 
 Connects to the Ray cluster in RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray.
@@ -10,7 +10,7 @@ function and the policy and publishes the new weights (see scoreaction/distribut
 DIR/summary.json, DIR/reward_curve.png, DIR/tensorboard/, sample grids under DIR/samples/ and checkpoints
 under DIR/checkpoints/ (or run.storage_path). --resume continues the run in DIR from its last checkpoint;
 --dry-run prints the resource plan for the cluster it sees and exits; --single-process runs the reference
-loop in this process without Ray.
+loop in this process without Ray; --print-config prints the effective configuration as YAML and exits.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scoreaction.config import PRESETS, Config, ConfigError, build_config  # noqa: E402
+from scoreaction.config_help import config_help, config_yaml  # noqa: E402
 from scoreaction.distributed.plan import (  # noqa: E402
     PlanError,
     build_plan,
@@ -43,7 +44,9 @@ class ConnectError(RuntimeError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="tiny", help=f"config preset: {', '.join(PRESETS)} (default: tiny)")
     p.add_argument("--config", default=None, help="YAML file merged over the preset")
     p.add_argument(
@@ -63,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the resource plan for the cluster and exit")
     p.add_argument(
         "--single-process", action="store_true", help="run the reference loop in this process, no Ray"
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration (preset + --config + --set + --output-dir) as YAML and exit; "
+        "--config of that file gives the same configuration",
     )
     return p.parse_args(argv)
 
@@ -192,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         # --output-dir is a path, taken literally (never YAML: "/data/run #2" is not "/data/run")
         values = {"run.output_dir": args.output_dir} if args.output_dir else None
         cfg = build_config(args.preset, args.config, args.overrides, values)
+        if args.print_config:  # before anything is checked, started or written
+            print(config_yaml(cfg, args.preset), end="")
+            return 0
         out = Path(cfg.run.output_dir).expanduser().resolve()
         if args.dry_run:
             from scoreaction.distributed.driver import checkpoint_dir_for
