@@ -509,7 +509,7 @@ class Learner:
         return eps_to_score(eps, alpha_bar(self.policy.schedule, torch.as_tensor(t)).to(dev))
 
     def _update_value_gradient(self, batch: Batch, epoch: int | None = None) -> dict[str, float]:
-        """Continuous-time estimator (ALGORITHM.md section 5); see ``value_gradient_surrogate``."""
+        """Continuous-time estimator (README.md, "The method in code"); see ``value_gradient_surrogate``."""
         return self._optimise(batch.traj, self.value_gradient_surrogate, {}, epoch)
 
     def value_gradient_surrogate(self, sub: Trajectory, idx: Tensor, k: int, num_trained: int) -> Tensor:

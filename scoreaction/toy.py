@@ -1,4 +1,4 @@
-"""A Gaussian mixture whose noised score is exact (ALGORITHM.md section 7).
+"""A Gaussian mixture whose noised score is exact (README.md, "The toy with a known optimum").
 
 p_pre = sum_k w_k N(mu_k, std_k^2 I) in d dims. Under the VP forward process
 x_t = sqrt(ab) x_0 + sqrt(1 - ab) z, component k becomes N(sqrt(ab) mu_k, v_k(t) I) with
@@ -82,7 +82,7 @@ class GaussianMixture:
 
 
 def tilted_optimum(mixture: GaussianMixture, a: Tensor | list[float], kl_coef: float) -> dict:
-    """The optimum of E[r] - kl_coef KL(p || p_pre) for r(x) = a^T x (ALGORITHM.md section 7):
+    """The optimum of E[r] - kl_coef KL(p || p_pre) for r(x) = a^T x (README.md, "The toy with a known optimum"):
     p* ∝ p_pre exp(r / kl_coef), again a Gaussian mixture with
 
         w_k* ∝ w_k exp(a^T mu_k / beta + std_k^2 |a|^2 / (2 beta^2)),   mu_k* = mu_k + std_k^2 a / beta,

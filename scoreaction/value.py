@@ -1,4 +1,4 @@
-"""The value function with the diffusion's structure (ALGORITHM.md section 4):
+"""The value function with the diffusion's structure (README.md, "The method in code"):
 
     V(t, x, c) = cos(pi t / 2) * R(x0_hat(t, x), c) + sin(pi t / 2) * F_phi(t, x, c)
 

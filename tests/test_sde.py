@@ -50,7 +50,7 @@ def test_discrete_schedule_hits_the_training_levels(sd_schedule):
 
 def test_linear_schedule_closed_form():
     s = LinearVPSchedule(0.1, 20.0)
-    # log ab(1) = -(0.1 + 19.9 / 2) = -10.05  ->  ab(1) = 4.3e-5 (ALGORITHM.md: ~4e-5)
+    # log ab(1) = -(0.1 + 19.9 / 2) = -10.05  ->  ab(1) = 4.3e-5
     assert float(s.log_alpha_bar(torch.tensor(1.0))) == pytest.approx(-10.05)
     assert float(alpha_bar(s, torch.tensor(1.0))) == pytest.approx(4.32e-5, rel=1e-2)
     assert float(s.beta(torch.tensor(0.5))) == pytest.approx(10.05)

@@ -58,7 +58,7 @@ def test_the_scan_sees_the_repository():
         "tests/data/kuberay-crds/RayJob.json",
     } <= names
     assert OUTSIDE_RE.search("CRD_DIR = ROOT" + ".parent / 'x'") and OUTSIDE_RE.search(
-        "see ../" + "shared/X.md"
+        "see ../" + "shared/X." + "md"
     )
 
 
@@ -89,6 +89,23 @@ def test_the_readmes_link_only_to_files_in_the_repository():
         for name in set(re.findall(r"\b([\w.-]+\.md)\b", text)):
             if name not in known:
                 problems.append(f"{readme.relative_to(ROOT)}: names {name}, which is not in the repository")
+    assert not problems, "\n".join(problems)
+
+
+def test_code_and_tests_cite_only_markdown_files_in_the_repository():
+    """A docstring or comment that sends the reader to a notes file only the developers had is as
+    broken for a user as a dead link."""
+    known = {p.name for p in scanned_files() if p.suffix == ".md"}
+    problems = []
+    for path in scanned_files():
+        if path.suffix != ".py":
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for name in re.findall(r"\b([A-Za-z][\w-]*\.md)\b", line):
+                if name not in known:
+                    problems.append(
+                        f"{path.relative_to(ROOT)}:{n}: names {name}, which is not in the repository"
+                    )
     assert not problems, "\n".join(problems)
 
 

@@ -1,4 +1,4 @@
-"""CTRL on the toy with a known optimum (ALGORITHM.md section 7).
+"""CTRL on the toy with a known optimum (README.md, "The toy with a known optimum").
 
 The default suite runs a reduced version (d = 1, loose bounds) and the discretisation check on the same
 trained policy; the full acceptance (d = 1 and a d = 2 three-component mixture, ratio and value-gradient
@@ -23,7 +23,7 @@ D2 = [  # d = 2: three components, r(x) = x_1 + x_2 / 2
 
 
 def test_tilted_optimum_matches_the_hand_computed_example():
-    # ALGORITHM.md section 7: w* = (0.119, 0.881), mu* = (-1.875, 2.125), E*[r] = 1.648, KL* = 0.359, J* = 0.930
+    # README.md, "The toy with a known optimum": w* = (0.119, 0.881), mu* = (-1.875, 2.125), E*[r] = 1.648, KL* = 0.359, J* = 0.930
     opt = tilted_optimum(GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], 0.5), [1.0], 2.0)
     assert opt["weights"].tolist() == pytest.approx([0.1192, 0.8808], abs=1e-4)
     assert opt["means"].flatten().tolist() == pytest.approx([-1.875, 2.125])

@@ -1,4 +1,4 @@
-"""The toy-gmm preset: a Gaussian mixture with an exact pretrained score (ALGORITHM.md section 7).
+"""The toy-gmm preset: a Gaussian mixture with an exact pretrained score (README.md, "The toy with a known optimum").
 
 s_theta(t, x) = s_pre(t, x) + MLP_theta(t, x), with MLP's last layer zero-initialised, so the policy starts
 as the exact pretrained model. It exposes the same interface as DiffusionPolicy (predict_eps, reference,
