@@ -130,21 +130,6 @@ def test_rollout_reward_learner_and_a_save_killed_in_one_run_match_the_clean_run
     _assert_run_folder(tmp_path / "run")
 
 
-def test_a_nan_reward_stops_the_run_and_resume_continues_from_the_last_good_checkpoint(clean_run, tmp_path):
-    out = tmp_path / "run"
-    (tmp_path / "markers").mkdir()
-    faults = FaultPlan((Fault("nan_reward", epoch=3, index=0),), str(tmp_path / "markers"))
-    with pytest.raises(NonFiniteError, match="epoch 3") as info:
-        _run(out, "resources.max_learner_failures=2", faults=faults)
-    assert info.value.kind == "reward" and info.value.count > 0
-    _assert_run_folder(out, step=2)  # stopped at once (no retry), nothing written after the last good one
-    summary = _run(out, resume=True)
-    assert summary["distributed"]["learner_starts_at_epoch"] == [2]
-    _assert_all_epochs_once(summary)
-    _assert_same_params(_params(summary), _params(clean_run))
-    _assert_run_folder(out)
-
-
 @pytest.mark.slow
 def test_learner_killed_mid_epoch_restarts_from_checkpoint_and_matches_the_clean_run(clean_run, tmp_path):
     faults = FaultPlan((Fault("learner", epoch=3, index=0),), str(tmp_path / "markers"))
@@ -163,19 +148,35 @@ def test_learner_killed_mid_epoch_restarts_from_checkpoint_and_matches_the_clean
     _assert_run_folder(tmp_path / "run")
 
 
-def test_interrupted_then_resumed_run_ends_with_the_same_parameters(clean_run, tmp_path):
+def test_a_nan_reward_stops_the_run_and_resume_continues_from_the_last_good_checkpoint(clean_run, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "markers").mkdir()
-    faults = FaultPlan((Fault("learner", epoch=3, index=0),), str(tmp_path / "markers"))
-    with pytest.raises(Exception):  # noqa: B017 - Ray Train's TrainingFailedError after 0 retries
-        _run(out, "resources.max_learner_failures=0", faults=faults)
-    assert latest_step_dir(out / "checkpoints").name == "step_000002"
+    faults = FaultPlan((Fault("nan_reward", epoch=3, index=0),), str(tmp_path / "markers"))
+    with pytest.raises(NonFiniteError, match="epoch 3") as info:
+        _run(out, "resources.max_learner_failures=2", faults=faults)
+    assert info.value.kind == "reward" and info.value.count > 0
+    _assert_run_folder(out, step=2)  # stopped at once (no retry), nothing written after the last good one
     # without --resume the folder is refused, and nothing is touched
     with pytest.raises(ResumeError, match="already holds a run's checkpoints"):
         _run(out)
     # a different learning rate is another run, not a resume
     with pytest.raises(ResumeError, match="algorithm.learning_rate"):
         _run(out, "algorithm.learning_rate=1e-2", resume=True)
+    summary = _run(out, resume=True)
+    assert summary["distributed"]["learner_starts_at_epoch"] == [2]
+    _assert_all_epochs_once(summary)
+    _assert_same_params(_params(summary), _params(clean_run))
+    _assert_run_folder(out)
+
+
+@pytest.mark.slow
+def test_learner_failures_exhausted_then_resumed_run_ends_with_the_same_parameters(clean_run, tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "markers").mkdir()
+    faults = FaultPlan((Fault("learner", epoch=3, index=0),), str(tmp_path / "markers"))
+    with pytest.raises(Exception):  # noqa: B017 - Ray Train's TrainingFailedError after 0 retries
+        _run(out, "resources.max_learner_failures=0", faults=faults)
+    assert latest_step_dir(out / "checkpoints").name == "step_000002"
     summary = _run(out, resume=True)
     assert summary["distributed"]["learner_starts_at_epoch"] == [2]
     _assert_all_epochs_once(summary)
