@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ from scoreaction.run_folder import (
 )
 from scoreaction.trainer import Trainer, build_policy, build_value_function
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "run.num_samples=64",
     "sampler.num_steps=4",
@@ -348,3 +350,18 @@ def test_resume_with_more_epochs_at_a_constant_rate_is_allowed(tmp_path, caplog)
         summary = Trainer(_cfg("run.epochs=3", "algorithm.lr_schedule=constant"), out).fit(resume=True)
     assert "keeps its meaning" in caplog.text
     assert [m["epoch"] for m in summary["per_epoch"]] == [0, 1, 2]
+
+
+def test_finetune_single_process_resume_passes_through(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import finetune
+
+    out = tmp_path / "run"
+    sets = [a for o in [*FAST, "run.epochs=2", "run.checkpoint_every=1"] for a in ("--set", o)]
+    base = ["--single-process", "--preset", "toy-gmm", *sets, "--output-dir", str(out)]
+    assert finetune.main(base) == 0
+    assert finetune.main([*base, "--resume", "--set", "run.epochs=3"]) == 2  # cosine lr: refused, says why
+    assert "lr_schedule='cosine'" in capsys.readouterr().err
+    assert finetune.main([*base, "--resume"]) == 0  # already at epoch 2 of 2: evaluates and ends
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["epoch"] for m in summary["per_epoch"]] == [0, 1]
