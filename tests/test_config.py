@@ -10,7 +10,9 @@ from scoreaction.config import Config, ConfigError, build_config, parse_set
 def test_default_is_tiny():
     cfg = build_config()
     assert cfg.model.preset == "tiny"
-    assert isinstance(cfg, Config)
+    # the tiny preset's values, not the fields' own defaults (run.epochs 3, sampler.num_steps 50)
+    assert cfg == build_config("tiny") != Config()
+    assert (cfg.run.epochs, cfg.sampler.num_steps, cfg.reward.name) == (8, 20, "jpeg_compressibility")
 
 
 def test_set_values_parse_as_yaml():
