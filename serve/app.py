@@ -130,7 +130,12 @@ class ImageModel:
         try:
             self.generator.check(spec, self.settings.limits())  # size or cost refused: 422 before queueing
             await self._route(key)
-            wait_s = min(self.settings.model_wait_s, token.remaining() or self.settings.model_wait_s)
+            remaining = token.remaining()
+            wait_s = (
+                self.settings.model_wait_s
+                if remaining is None
+                else min(self.settings.model_wait_s, remaining)
+            )
             async with self.cache.use(key, job["path"], job["model"], wait_s) as model:
                 try:
                     out = await self._batched((spec, model, token, arrived, job["model"]))
