@@ -136,6 +136,7 @@ def config_help(width: int = _WIDTH) -> str:
                     width,
                     initial_indent=indent,
                     subsequent_indent=indent + "  ",
+                    break_on_hyphens=False,
                 )
     return "\n".join(lines)
 
@@ -143,7 +144,8 @@ def config_help(width: int = _WIDTH) -> str:
 def config_yaml(cfg: Config, preset_name: str) -> str:
     """The whole config as YAML (every field, so ``--config`` of it rebuilds ``cfg`` over any preset)."""
     header = (
-        f"# scoreaction run configuration (from --preset {preset_name}): every field, so\n"
+        f"# scoreaction run configuration: --preset {preset_name} with --config, --set and --output-dir applied;\n"
+        "# every field is set, so\n"
         "# `python jobs/finetune.py --config THIS_FILE` runs with exactly this configuration.\n"
     )
     data = cfg.model_dump(mode="json")
