@@ -151,7 +151,21 @@ class AlgorithmConfig(_Section):
     )
     updates_per_epoch: int = Field(1, ge=1, description="Passes over each epoch's trajectories.")
     micro_batch_size: int = Field(
-        8, ge=1, description="Trajectories per gradient step (accumulated over timesteps)."
+        8,
+        ge=1,
+        description="Trajectories per backward pass (summed over the data-parallel learner workers, each "
+        "taking micro_batch_size / resources.num_learner_workers of them); the gradient accumulates over "
+        "the trained timesteps of each.",
+    )
+    trajectories_per_step: int | None = Field(
+        None,
+        ge=1,
+        description="Trajectories per optimizer step (over all data-parallel learner workers): the gradient "
+        "is accumulated over trajectories_per_step / micro_batch_size micro-batches and their timesteps, "
+        "averaged, then clipped and stepped once, as ddpo-pytorch's train.batch_size * num_gpus * "
+        "gradient_accumulation_steps. A multiple of micro_batch_size that divides run.num_samples; optimizer "
+        "steps per epoch = updates_per_epoch * run.num_samples / trajectories_per_step "
+        "(learner/optimizer_steps). None: micro_batch_size (one step per micro-batch).",
     )
     timestep_fraction: float = Field(
         1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained."
@@ -278,6 +292,14 @@ class Config(_Section):
                 )
         return self
 
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        """Policy optimizer steps per epoch (before any skipped step): updates_per_epoch passes of
+        ceil(run.num_samples / trajectories_per_step) steps (one per micro-batch when trajectories_per_step
+        is None; the last micro-batch may then be smaller)."""
+        per_step = self.algorithm.trajectories_per_step or self.algorithm.micro_batch_size
+        return self.algorithm.updates_per_epoch * -(-self.run.num_samples // per_step)
+
     def _check_batch_layout(self) -> None:
         """Batch sizes that would fail mid-run fail here. The data-parallel learner gives each of its
         workers an equal 1/W of every epoch's trajectories and of every micro-batch (W =
@@ -295,6 +317,19 @@ class Config(_Section):
                 f"resources.num_learner_workers={w}: each worker takes micro_batch_size / {w} of every "
                 "micro-batch and the gradients are averaged, as one process would compute them"
             )
+        tps, mb = self.algorithm.trajectories_per_step, self.algorithm.micro_batch_size
+        if tps is not None:
+            if tps % mb:
+                raise ValueError(
+                    f"algorithm.trajectories_per_step={tps} must be a multiple of algorithm.micro_batch_size={mb}"
+                    f" (each optimizer step accumulates whole micro-batches, split over resources."
+                    f"num_learner_workers={w}); e.g. {max(1, round(tps / mb)) * mb}"
+                )
+            if self.run.num_samples % tps:
+                raise ValueError(
+                    f"algorithm.trajectories_per_step={tps} must divide run.num_samples={self.run.num_samples}: "
+                    "every optimizer step averages the same number of trajectories"
+                )
         if self.algorithm.stat_min_count > self.algorithm.stat_buffer:
             raise ValueError(
                 f"algorithm.stat_min_count={self.algorithm.stat_min_count} must be <= "

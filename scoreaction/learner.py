@@ -427,6 +427,22 @@ class Learner:
 
         return self._optimise(traj, step_loss, stats, epoch)
 
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches whose gradients one optimizer step accumulates: algorithm.trajectories_per_step over
+        the micro-batch of all ranks (this learner's micro_batch_size times the data-parallel world size: a
+        data-parallel learner gets micro_batch_size / world of every micro-batch); 1 when it is None."""
+        alg = self.cfg.algorithm
+        if alg.trajectories_per_step is None:
+            return 1
+        per_backward = alg.micro_batch_size * _world_size()
+        if alg.trajectories_per_step % per_backward:
+            raise ValueError(
+                f"algorithm.trajectories_per_step={alg.trajectories_per_step} must be a multiple of the "
+                f"trajectories of one backward pass over all ranks: algorithm.micro_batch_size="
+                f"{alg.micro_batch_size} x {_world_size()} data-parallel ranks"
+            )
+        return alg.trajectories_per_step // per_backward
+
     def _optimise(
         self,
         traj: Trajectory,
@@ -435,38 +451,51 @@ class Learner:
         epoch: int | None = None,
     ) -> dict[str, float]:
         """updates_per_epoch passes of shuffled micro-batches; per micro-batch the gradients of
-        step_loss(sub, idx, k, num_trained) accumulate over the trained steps k, then one clipped step.
+        step_loss(sub, idx, k, num_trained) accumulate over the trained steps k; per optimizer step they
+        accumulate over ``micro_batches_per_step()`` consecutive micro-batches (algorithm.trajectories_per_step),
+        each loss divided by their number so that the step's gradient is the mean over its trajectories and
+        timesteps, as ddpo-pytorch's accelerate accumulation over gradient_accumulation_steps *
+        num_train_timesteps backward passes; then one clipped step. Logged losses are the unscaled ones.
 
-        A micro-batch whose loss or gradient norm is not finite takes no step: its gradients are dropped, the
+        A step whose loss or gradient norm is not finite is not taken: its gradients are dropped, the
         weights, the optimiser's moments and its step count stay as they were, and its statistics are not
         logged; it counts in learner/skipped_steps. The decision is summed over the data-parallel ranks (the
         gradient norm is the all-reduced one, the same everywhere, but each rank's loss is its own), so all
-        ranks skip together. A non-finite reward of x0_hat (the value gradient's prior) stops the run."""
+        ranks skip together. A non-finite reward of x0_hat (the value gradient's prior) stops the run.
+        learner/optimizer_steps: the steps taken this epoch."""
         alg = self.cfg.algorithm
         params = self.policy.trainable_parameters()
         stats.setdefault("loss", [])
         stats.setdefault("grad_norm", [])
+        accumulate = self.micro_batches_per_step()
         skipped = taken = 0
         for _ in range(alg.updates_per_epoch):
-            for idx in torch.randperm(traj.batch_size, generator=self.generator).split(alg.micro_batch_size):
-                sub = traj.index(idx)
-                steps = self._steps(traj.num_steps)
+            micro = list(
+                torch.randperm(traj.batch_size, generator=self.generator).split(alg.micro_batch_size)
+            )
+            for start in range(0, len(micro), accumulate):
+                group = micro[start : start + accumulate]
                 logged = {k: len(v) for k, v in stats.items()}
-                self._prior_nonfinite = torch.zeros(len(idx), dtype=torch.bool)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses_finite = True
-                for k in steps:
-                    loss = step_loss(sub, idx, k, len(steps))
-                    loss.backward()
-                    stats["loss"].append(loss.item())
-                    losses_finite &= math.isfinite(stats["loss"][-1])
+                prior_bad = 0
+                for idx in group:
+                    sub = traj.index(idx)
+                    steps = self._steps(traj.num_steps)
+                    self._prior_nonfinite = torch.zeros(len(idx), dtype=torch.bool)
+                    for k in steps:
+                        loss = step_loss(sub, idx, k, len(steps))
+                        (loss / len(group) if len(group) > 1 else loss).backward()
+                        stats["loss"].append(loss.item())
+                        losses_finite &= math.isfinite(stats["loss"][-1])
+                    prior_bad += int(self._prior_nonfinite.sum())
                 gn = torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)
                 stats["grad_norm"].append(float(gn))
                 bad_step, bad_prior, rows = sum_over_ranks(
                     [
                         float(not (losses_finite and math.isfinite(float(gn)))),
-                        float(self._prior_nonfinite.sum()),
-                        len(idx),
+                        float(prior_bad),
+                        float(sum(len(idx) for idx in group)),
                     ]
                 )
                 if bad_prior:
@@ -474,7 +503,7 @@ class Learner:
                     raise NonFiniteError(
                         f"{reward_label(self.cfg)} returned a non-finite score (NaN or inf) of x0_hat (the "
                         f"value gradient's reward prior, value.use_reward_prior) for {int(bad_prior)} of "
-                        f"{int(rows)} samples of a micro-batch at {epoch_label(self._epoch(epoch))}; the run "
+                        f"{int(rows)} samples of {'a micro-batch' if len(group) == 1 else 'an optimizer step'} at {epoch_label(self._epoch(epoch))}; the run "
                         "stops before any weight is updated from them (the last checkpoint is intact: --resume "
                         "continues from it)",
                         kind="reward_prior",
@@ -499,7 +528,7 @@ class Learner:
                 self.optimizer.step()
                 taken += 1
         out = {f"learner/{k}": float(np.mean(v)) for k, v in stats.items() if v}
-        return {**out, "learner/skipped_steps": float(skipped)}
+        return {**out, "learner/skipped_steps": float(skipped), "learner/optimizer_steps": float(taken)}
 
     def _score(self, x: Tensor, t: Tensor, traj: Trajectory) -> Tensor:
         """The action: the guided score s_theta(t, x), float32."""
@@ -546,7 +575,17 @@ class Learner:
             ab = float(alpha_bar(self.policy.schedule, torch.as_tensor(t)))
             eps = self.policy.predict_eps(x, t, emb, sub.negative_prompt_embeds, sub.guidance_scale)
             x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+            # decode and the reward stay in the graph: grad_x V includes cos(pi t/2) grad_x R(decode(x0_hat))
             r_x0 = self.reward_fn(self.policy.decode(x0), sub.prompts)
+            if not r_x0.requires_grad and not self._warned_nondifferentiable:
+                self._warned_nondifferentiable = True
+                logger.warning(
+                    "%s is not differentiable (a JPEG size, or scores from a service): the value gradient's "
+                    "grad_x V(t, x) = cos(pi t/2) grad_x R(x0_hat) + sin(pi t/2) grad_x F_phi keeps only its "
+                    "F_phi term; use a model reward (aesthetic, clip_score, pickscore, hpsv2, imagereward) "
+                    "in this process for the reward term, or value.use_reward_prior=false",
+                    reward_label(self.cfg),
+                )
             # counted, not used: _optimise stops the run (on every rank) once the micro-batch's passes are done
             bad = ~torch.isfinite(r_x0.detach().float().cpu().reshape(len(sub.prompts), -1)).all(1)
             seen = self._prior_nonfinite
@@ -555,6 +594,7 @@ class Learner:
         (grad,) = torch.autograd.grad(v.sum(), x)
         return grad.detach().float()
 
+    _warned_nondifferentiable = False  # the warning that grad_x R(x0_hat) is zero, logged once
     reward_fn: RewardFn | None = None  # set by the trainer: needed for grad_x R(x0_hat) in the value gradient
     # rows of the current micro-batch whose R(x0_hat), computed by _grad_x_value, was not finite
     _prior_nonfinite: Tensor = torch.zeros(0, dtype=torch.bool)
