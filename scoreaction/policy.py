@@ -205,12 +205,16 @@ class DiffusionPolicy(torch.nn.Module):
             return classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
         return out
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, 4, h, w) -> images (B, 3, H, W) float32 in [0, 1]."""
-        z = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
-        images = self.vae.decode(z).sample.float()
-        return (images / 2 + 0.5).clamp(0, 1)
+        """Latents (B, 4, h, w) -> images (B, 3, H, W) float32 in [0, 1].
+
+        Differentiable in the latents when they require grad (and grad mode is on): the value-gradient
+        estimator takes grad_x of cos(pi t/2) R(decode(x0_hat(x))). The VAE's weights stay frozen; other
+        calls build no graph."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and latents.requires_grad):
+            z = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
+            images = self.vae.decode(z).sample.float()
+            return (images / 2 + 0.5).clamp(0, 1)
 
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         size = self.unet.config.sample_size * self.vae_scale_factor
