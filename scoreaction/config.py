@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from scoreaction.config_base import ConfigSection
+from scoreaction.prompts import PROMPT_SETS, PromptFileError, PromptSet, builtin_prompts, read_prompts_file
 from scoreaction.resources_config import ResourcesConfig
 from scoreaction.reward_config import RewardConfig
 
@@ -231,8 +232,54 @@ class RunConfig(_Section):
             "a bowl of ramen, studio lighting",
         ],
         min_length=1,
-        description="Prompt set sampled from (round robin); at least one.",
+        description="Prompt set sampled from (round robin); at least one. Filled from run.prompts_file or "
+        "run.prompt_set when one of them is set.",
     )
+    prompts_file: str | None = Field(
+        None,
+        description="A text file of prompts, one a line (blank lines and lines starting with # are skipped), "
+        "read when the config is built; its prompts become run.prompts.",
+    )
+    prompt_set: PromptSet | None = Field(
+        None,
+        description="A built-in prompt set, shipped with the package: single_prompt (the authors' ImageReward "
+        "prompt, 'A unicorn in a clearing...'), simple_animals (ddpo-pytorch's 45 animals), imagenet_animals "
+        "(ddpo-pytorch's 398 ImageNet animal classes); its prompts become run.prompts.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_prompts(cls, data: Any) -> Any:
+        """run.prompts from run.prompts_file or run.prompt_set. A config that already lists the prompts
+        (one re-validated from its dump, e.g. on a learner worker where the file is not) keeps them when the
+        file cannot be read there; prompts that differ from the file's or the set's are an error."""
+        if not isinstance(data, dict):
+            return data
+        file, name = data.get("prompts_file"), data.get("prompt_set")
+        if file is None and name is None:
+            return data
+        if file is not None and name is not None:
+            raise ValueError(
+                f"run.prompts_file={file!r} and run.prompt_set={name!r}: set one of them (both give run.prompts)"
+            )
+        if name is not None and name not in PROMPT_SETS:
+            return data  # the field's own check names the allowed sets
+        if file is not None and not isinstance(file, str):
+            return data  # the field's own check reports the type
+        given = data.get("prompts")
+        try:
+            loaded = builtin_prompts(name) if name is not None else read_prompts_file(file)
+        except PromptFileError:
+            if given is not None and file is not None:
+                return data
+            raise
+        source = f"run.prompt_set={name!r}" if name is not None else f"run.prompts_file={file!r}"
+        if given is not None and list(given) != loaded:
+            raise ValueError(
+                f"run.prompts (a list of {len(given)}) differs from the {len(loaded)} prompts of {source}: "
+                "set one of them"
+            )
+        return {**data, "prompts": loaded}
 
 
 class Config(_Section):
