@@ -212,6 +212,18 @@ def main(argv: list[str] | None = None) -> int:
             nodes, where = cluster_nodes(cfg)
             text = format_plan(cfg, build_plan(cfg), nodes, where, str(checkpoint_dir_for(cfg, out)))
             print(text)
+            alg = cfg.algorithm
+            print(
+                f"optimizer steps: {cfg.optimizer_steps_per_epoch} per epoch ({alg.updates_per_epoch} pass(es) x "
+                f"{cfg.run.num_samples} samples / {alg.trajectories_per_step or alg.micro_batch_size} trajectories "
+                f"per step, micro-batches of {alg.micro_batch_size})"
+            )
+            from scoreaction.weights_status import weights_report
+
+            report, complete = weights_report(cfg)
+            print(report)
+            if not complete:
+                print("some weights are missing here: put them where the lines above say before a run")
             check_fit(build_plan(cfg), nodes)
             return 0
         if args.single_process:

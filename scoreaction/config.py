@@ -139,6 +139,9 @@ class AlgorithmConfig(_Section):
         5.0, gt=0, description="Advantages are clipped to +-adv_clip after normalisation."
     )
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the policy.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay of the policy (ddpo-pytorch and the authors: 1e-4)."
+    )
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant",
         description="Policy learning rate over the run's epochs: constant, or decayed (cosine / linear) from "
@@ -277,7 +280,7 @@ class RunConfig(_Section):
         if given is not None and list(given) != loaded:
             raise ValueError(
                 f"run.prompts (a list of {len(given)}) differs from the {len(loaded)} prompts of {source}: "
-                "set one of them"
+                f"set one of them (e.g. {source.split('=')[0]}=null)"
             )
         return {**data, "prompts": loaded}
 
@@ -455,13 +458,122 @@ def _sd15() -> dict[str, Any]:
     }
 
 
+# The authors' SD1.5 ImageReward experiment (README.md, "The paper's presets"), from
+# github.com/hanyang1999/ContTimeRL4DM, ddpo_continuous/ (a ddpo-pytorch fork). Commits:
+#   B  = 82b2ca60aed3585ad68e1d19c9edc7a461740f27  config/base.py, config/dgx.py, jobs.sh (4 GPUs per run),
+#        scripts/train_with_valuefunc_cont.py, scripts/src/ImageReward_VN_train.py, setup.py (diffusers 0.17.1)
+#   V  = d1d7c02a9c1811beea3a5880ef12a940319f611d  config/dgx_with_value_func.py (imagereward())
+#   P  = 5b6105a0c0f2cf643f73631d62fad25130c9fd47  ddpo_pytorch/assets/single_prompt.txt
+#   D  = 2dfa82b2d5757637d32e0b2afb7f3aa150f74450  scripts/DDPO_varying_steps_infr.py (the DDPO run)
+# Per-run numbers are global (4 GPUs): samples = sample.batch_size * num_batches_per_epoch * 4, trajectories
+# per optimizer step = train.batch_size * gradient_accumulation_steps * 4.
+def _sd15_paper_common() -> dict[str, Any]:
+    return {
+        # B base.py: pretrained.model = "runwayml/stable-diffusion-v1-5" (now served as DEFAULT_SD15_ID)
+        "model": {"preset": "sd15", "name_or_path": DEFAULT_SD15_ID},
+        # B base.py use_lora = True; train_*.py: diffusers 0.17.1 LoRAAttnProcessor on every attention
+        # processor (to_q, to_k, to_v, to_out), its default rank 4, no network_alpha (scale 1).
+        # Gradient checkpointing is ours (memory), not the authors'.
+        "policy": {
+            "mode": "lora",
+            "lora_rank": 4,
+            "lora_alpha": None,
+            "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+            "gradient_checkpointing": True,
+        },
+        # B base.py: sample.num_steps 50, eta 1.0, guidance_scale 7.0 (DDIM); train.cfg = True
+        "sampler": {"stepper": "ddim", "num_steps": 50, "eta": 1.0, "guidance_scale": 7.0, "batch_size": 8},
+        # V / B dgx.py imagereward(): reward_fn = "imagereward", raw scores (no running normalisation)
+        "reward": {"name": "imagereward", "normalize": "none"},
+        "algorithm": {
+            # B base.py: use_regularization = False (the runs are named "no_regularization")
+            "kl_coef": 0.0,
+            # B base.py: adv_clip_max 5, max_grad_norm 1.0, adam_weight_decay 1e-4, timestep_fraction 1.0,
+            # num_inner_epochs 1; constant learning rate
+            "adv_clip": 5.0,
+            "max_grad_norm": 1.0,
+            "weight_decay": 1e-4,
+            "timestep_fraction": 1.0,
+            "updates_per_epoch": 1,
+            "lr_schedule": "constant",
+            # train.batch_size = 4 per GPU: a memory knob here (the step averages the same trajectories)
+            "micro_batch_size": 4,
+        },
+        # B base.py: num_epochs 100 (dgx*.py imagereward(): 100); P: prompt_fn = "single_prompt". Their seed
+        # (42) is not carried over: our random streams differ, so it would not reproduce their samples.
+        "run": {
+            "epochs": 100,
+            "prompt_set": "single_prompt",
+            "checkpoint_every": 5,
+            "grid_every": 5,
+        },
+    }
+
+
+def _sd15_ctrl_paper() -> dict[str, Any]:
+    """CTRL as the authors ran it on SD1.5 + ImageReward (scripts/train_with_valuefunc_cont.py with
+    config/dgx_with_value_func.py:imagereward on 4 GPUs)."""
+    cfg = _sd15_paper_common()
+    cfg["algorithm"].update(
+        {
+            "name": "ctrl",
+            # train_with_valuefunc_cont.py: PPO-clipped ratio with advantages V(x_{k+1}) - V(x_k)
+            # (ImageReward_VN_train.py inference_advantage_batch), normalised per timestep over the batch
+            "estimator": "ratio",
+            "gae_lambda": 0.0,
+            # V: train.learning_rate 5e-5, train.clip_range 1.5e-5 (3e-5 / 1e-5 at B)
+            "learning_rate": 5e-5,
+            "clip_range": 1.5e-5,
+            # V: train.batch_size 4 x gradient_accumulation_steps 16 x 4 GPUs = 256 per step
+            "trajectories_per_step": 256,
+        }
+    )
+    # V: design cos/sin blend of the value of the denoised (x0_hat) and the noisy image; v_step = 1.
+    # The authors' value network is a copy of ImageReward (pre-trained offline, lr 1e-7); ours is the small
+    # conv head F_phi at its own learning rate, not pre-trained.
+    cfg["value"] = {"use_reward_prior": True, "updates_per_epoch": 1}
+    # V: sample.batch_size 64 x num_batches_per_epoch 2 x 4 GPUs = 512 samples; 512 / 256 = 2 steps/epoch
+    cfg["run"]["num_samples"] = 512
+    return cfg
+
+
+def _sd15_ddpo_paper() -> dict[str, Any]:
+    """DDPO as the authors ran it for comparison (scripts/DDPO_varying_steps_infr.py with
+    config/dgx.py:imagereward on 4 GPUs)."""
+    cfg = _sd15_paper_common()
+    cfg["algorithm"].update(
+        {
+            "name": "ddpo",
+            # B dgx.py imagereward(): train.learning_rate 3e-5, train.clip_range 1e-5
+            "learning_rate": 3e-5,
+            "clip_range": 1e-5,
+            # B dgx.py: train.batch_size 4 x gradient_accumulation_steps 8 x 4 GPUs = 128 per step
+            "trajectories_per_step": 128,
+            # B dgx.py compressibility() (inherited): per_prompt_stat_tracking buffer_size 16, min_count 16
+            "stat_buffer": 16,
+            "stat_min_count": 16,
+        }
+    )
+    # B dgx.py imagereward(): sample.batch_size 64 x num_batches_per_epoch 1 x 4 GPUs = 256 samples;
+    # 256 / 128 = 2 steps/epoch
+    cfg["run"]["num_samples"] = 256
+    return cfg
+
+
 def _sd15_random() -> dict[str, Any]:
     cfg = _sd15()
     cfg["model"] = {"preset": "sd15-random"}
     return cfg
 
 
-PRESETS = {"tiny": _tiny, "toy-gmm": _toy_gmm, "sd15": _sd15, "sd15-random": _sd15_random}
+PRESETS = {
+    "tiny": _tiny,
+    "toy-gmm": _toy_gmm,
+    "sd15": _sd15,
+    "sd15-random": _sd15_random,
+    "sd15-ctrl-paper": _sd15_ctrl_paper,
+    "sd15-ddpo-paper": _sd15_ddpo_paper,
+}
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -159,7 +159,7 @@ class Learner:
         self.policy, self.value_fn, self.cfg = policy, value_fn, cfg
         alg = cfg.algorithm
         self.optimizer = torch.optim.AdamW(
-            policy.trainable_parameters(), lr=alg.learning_rate, weight_decay=0.0
+            policy.trainable_parameters(), lr=alg.learning_rate, weight_decay=alg.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
