@@ -579,6 +579,8 @@ RESUMABLE_CHANGES = (
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.grid_every",
+    # a stopping rule, not a number the run computes: raise it to resume after a skipped-steps stop
+    "algorithm.max_skipped_steps",
 )
 
 

@@ -179,7 +179,12 @@ def test_learner_state_round_trips_exactly_through_safetensors_and_json(tmp_path
 
 def test_config_differences_allow_epochs_and_resources_only():
     a = _cfg().model_dump()
-    b = _cfg("run.epochs=99", "resources.num_rollout_workers=3", "run.output_dir=/x").model_dump()
+    b = _cfg(
+        "run.epochs=99",
+        "resources.num_rollout_workers=3",
+        "run.output_dir=/x",
+        "algorithm.max_skipped_steps=5",
+    ).model_dump()
     assert config_differences(a, b) == []
     c = _cfg("algorithm.learning_rate=0.5").model_dump()
     assert config_differences(a, c) == ["algorithm.learning_rate: 0.003 -> 0.5"]
