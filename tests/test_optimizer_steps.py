@@ -197,3 +197,10 @@ def test_two_gloo_ranks_accumulate_the_same_step_as_one_process(tmp_path):
         for got, want in zip(r["grads"], expected, strict=True):
             for name in want:
                 torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+
+
+def test_weight_decay_reaches_the_policy_optimizer(tmp_path):
+    """algorithm.weight_decay (the authors' 1e-4) is AdamW's; the default 0 keeps the earlier behaviour."""
+    assert Trainer(_toy(tmp_path)).learner.optimizer.param_groups[0]["weight_decay"] == 0.0
+    cfg = _toy(tmp_path, "algorithm.weight_decay=1e-4")
+    assert Trainer(cfg).learner.optimizer.param_groups[0]["weight_decay"] == 1e-4
