@@ -19,8 +19,8 @@ from scoreaction.prompts import PROMPT_SETS, PromptFileError, PromptSet, builtin
 from scoreaction.resources_config import ResourcesConfig
 from scoreaction.reward_config import RewardConfig
 
-ModelPreset = Literal["tiny", "toy-gmm", "sd15", "sd15-random"]
-MODEL_PRESETS: tuple[str, ...] = ("tiny", "toy-gmm", "sd15", "sd15-random")
+ModelPreset = Literal["tiny", "toy-gmm", "sd15", "sd15-random", "digits"]
+MODEL_PRESETS: tuple[str, ...] = ("tiny", "toy-gmm", "sd15", "sd15-random", "digits")
 DEFAULT_SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -50,7 +50,9 @@ class ToyConfig(_Section):
 
 
 class ModelConfig(_Section):
-    preset: ModelPreset = Field("tiny", description="Model preset: tiny, toy-gmm, sd15 or sd15-random.")
+    preset: ModelPreset = Field(
+        "tiny", description="Model preset: tiny, toy-gmm, sd15, sd15-random or digits."
+    )
     name_or_path: str | None = Field(
         None,
         description="Hub id or local diffusers folder. sd15: defaults to the SD1.5 hub id; any SD1.x/2.x folder "
@@ -64,7 +66,11 @@ class ModelConfig(_Section):
         "auto",
         description="Compute dtype of frozen weights and autocast: auto = bfloat16 on CUDA, float32 on CPU.",
     )
-    seed: int = Field(0, description="Seed of the random weights of the tiny and sd15-random presets.")
+    seed: int = Field(
+        0,
+        description="Seed of the random weights of the tiny and sd15-random presets, and of the digits "
+        "pretraining.",
+    )
     tf32: bool = Field(True, description="Allow TF32 matmuls and convolutions on CUDA (Ampere and newer).")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         "off", description="torch.compile the UNet with this mode (off: eager)."
@@ -568,6 +574,30 @@ def _sd15_random() -> dict[str, Any]:
     return cfg
 
 
+def _digits() -> dict[str, Any]:
+    """SD-architecture model pretrained on the UCI handwritten digits (scoreaction/models/digits.py), tuned
+    to draw the prompted digit: reward = log p(digit) under one classifier, monitored by another."""
+    return {
+        "model": {"preset": "digits"},
+        "policy": {
+            "lora_rank": 4,
+            "lora_target_modules": [
+                *("to_q", "to_k", "to_v", "to_out.0"),
+                *("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
+            ],
+        },
+        "sampler": {"num_steps": 20, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 20},
+        "reward": {"name": "digit_classifier", "monitor": ["digit_classifier_heldout"]},
+        "algorithm": {"kl_coef": 1e-3, "learning_rate": 3e-3, "clip_range": 1e-2, "micro_batch_size": 10},
+        "value": {"use_reward_prior": True},
+        "run": {
+            "epochs": 4,
+            "num_samples": 40,
+            "prompts": [f"a handwritten digit {d}" for d in range(10)],
+        },
+    }
+
+
 PRESETS = {
     "tiny": _tiny,
     "toy-gmm": _toy_gmm,
@@ -575,6 +605,7 @@ PRESETS = {
     "sd15-random": _sd15_random,
     "sd15-ctrl-paper": _sd15_ctrl_paper,
     "sd15-ddpo-paper": _sd15_ddpo_paper,
+    "digits": _digits,
 }
 
 

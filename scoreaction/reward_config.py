@@ -25,6 +25,8 @@ RewardName = Literal[
     "pickscore",
     "hpsv2",
     "imagereward",
+    "digit_classifier",
+    "digit_classifier_heldout",
 ]
 _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -96,7 +98,8 @@ class RewardConfig(ConfigSection):
     name: RewardName = Field(
         "jpeg_compressibility",
         description="Reward to maximise: linear (toy: a^T x), jpeg_(in)compressibility, aesthetic, clip_score, "
-        "pickscore, hpsv2, imagereward. Ignored when weights is set.",
+        "pickscore, hpsv2, imagereward, digit_classifier (digits preset; digit_classifier_heldout is its "
+        "held-out twin for monitor). Ignored when weights is set.",
     )
     direction: list[float] | None = Field(None, description="The vector a of the linear reward r(x) = a^T x.")
     weights: dict[RewardName, float] | None = Field(

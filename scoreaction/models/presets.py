@@ -4,6 +4,8 @@
   (safetensors) and loaded back through ``from_pretrained`` -- the same path as a real model.
 - ``sd15-random``: the exact SD1.5 configs (UNet 860M, VAE, CLIP ViT-L/14 text encoder), random weights;
   for measuring memory and speed without the weights.
+- ``digits``: the same classes at small sizes, pretrained on scikit-learn's handwritten digits
+  (scoreaction/models/digits.py), cached like ``tiny``.
 - ``sd15``: a hub id or a local diffusers folder (any SD1.x/2.x, epsilon or v-prediction).
 """
 
@@ -242,6 +244,12 @@ def load_pipeline(cfg: ModelConfig) -> StableDiffusionPipeline:
         if cfg.name_or_path and not (Path(directory) / "model_index.json").is_file():
             write_tiny_pipeline(directory, cfg.seed)
         return from_pretrained(directory)
+    if cfg.preset == "digits":
+        from scoreaction.models.digits import digits_pipeline_dir
+
+        if cfg.name_or_path:  # a digits folder of the user's (e.g. rebuilt by jobs/pretrain.py)
+            return from_pretrained(cfg.name_or_path)
+        return from_pretrained(str(digits_pipeline_dir(cfg.seed)))
     if cfg.preset == "sd15-random":
         with tempfile.TemporaryDirectory() as tok_dir:
             return build_components(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, tok_dir, cfg.seed)

@@ -12,6 +12,8 @@
 | ``pickscore`` | PickScore_v1 (CLIP-H, transformers) | transformers folder / hub id |
 | ``hpsv2`` | HPSv2 / v2.1 (open_clip ViT-H-14 with HPS weights) | converted .safetensors |
 | ``imagereward`` | ImageReward v1.0 (BLIP ViT-L + BERT cross-attention + MLP) | converted .safetensors |
+| ``digit_classifier`` | digits preset: log p(prompted digit) under a small CNN (reward split) | trained on first use |
+| ``digit_classifier_heldout`` | the same on the disjoint monitor split (for ``reward.monitor``) | trained on first use |
 
 Model rewards import their dependencies only when built, so a missing optional package matters only
 for the reward that needs it. ``reward.weights`` builds a weighted sum (multi.py); ``reward.service``
@@ -52,6 +54,8 @@ MODEL_REWARDS: dict[str, str] = {
     "pickscore": "scoreaction.rewards.pickscore:build_pickscore",
     "hpsv2": "scoreaction.rewards.hps:build_hps",
     "imagereward": "scoreaction.rewards.imagereward:build_imagereward",
+    "digit_classifier": "scoreaction.rewards.digits:build_digit_classifier",
+    "digit_classifier_heldout": "scoreaction.rewards.digits:build_digit_classifier_heldout",
 }
 IMAGE_REWARDS: tuple[str, ...] = ("jpeg_compressibility", "jpeg_incompressibility", *MODEL_REWARDS)
 REWARDS: tuple[str, ...] = ("linear", *IMAGE_REWARDS)

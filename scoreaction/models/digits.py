@@ -1,0 +1,452 @@
+"""The ``digits`` preset: SD1.5's component classes at small sizes, pretrained on real handwritten digits.
+
+Data: scikit-learn's copy of the UCI handwritten digits (``sklearn.datasets.load_digits``: 1,797 grey 8x8
+images, values 0..16, ink bright on a dark background), upsampled bilinearly to ``IMAGE_SIZE`` px square
+RGB in [0, 1]. Each image's prompt is ``"a handwritten digit N"``. A fixed, class-stratified split
+(``split_indices``) keeps four disjoint parts:
+
+    pretrain  50%  the diffusion model learns from it
+    reward    20%  trains the ``digit_classifier`` reward
+    monitor   20%  trains the ``digit_classifier_heldout`` monitor (a different model on different data)
+    eval      10%  real reference digits of the quality measure (Frechet distance)
+
+What is trained (``pretrain_digits``), in this order:
+
+- VAE (AutoencoderKL, two blocks: 16 px images <-> 8x8x4 latents, scale factor 2): a few hundred steps of
+  reconstruction loss with a small KL term; its ``scaling_factor`` is then set to 1 / std of the pretrain
+  latents, as SD's was. Trained rather than fixed: AutoencoderKL has no identity setting, and a random one
+  loses the digit.
+- text encoder (CLIPTextModel, 2 layers, width 32, SD's real CLIP tokenizer): frozen at its seeded random
+  weights. The UNet sees the digit only through these fixed random features, which is one of the two ways
+  the base leaves room for fine-tuning (DESIGN: a fully trained, class-embedding model draws the prompted
+  digit 99% of the time).
+- UNet (UNet2DConditionModel, cross-attention in both blocks): epsilon loss on the VAE latents under SD1.5's
+  noise schedule, the prompt dropped to "" 10% of the time (classifier-free guidance). Deliberately SHORT
+  (``UNET_STEPS``): the other way the base leaves room.
+
+The result is a standard diffusers folder (safetensors) that ``StableDiffusionPipeline.from_pretrained``
+loads, written once per seed into the scoreaction cache (``digits_pipeline_dir``) like ``tiny``, with the
+loss curve (``loss.png``) and the losses (``pretrain.json``) beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+DIGITS_VERSION = "v1"
+IMAGE_SIZE = 16
+PROMPT_TEMPLATE = "a handwritten digit {}"
+PROMPTS: tuple[str, ...] = tuple(PROMPT_TEMPLATE.format(d) for d in range(10))
+SPLIT_SEED = 0
+SPLITS: dict[str, float] = {"pretrain": 0.5, "reward": 0.2, "monitor": 0.2, "eval": 0.1}
+# The quality bar of the default pretraining: how often the held-out classifier sees the prompted digit in
+# the base model's samples at the preset's sampler settings. Below: the base is not a digit model; above:
+# fine-tuning has nothing left to show (a fully trained base draws the prompted digit ~99% of the time).
+QUALITY_BAND: tuple[float, float] = (0.4, 0.85)
+
+DIGITS_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+DIGITS_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=8,
+    sample_size=IMAGE_SIZE,
+    scaling_factor=1.0,
+)
+
+
+def digits_text_config() -> dict:
+    from scoreaction.models.presets import TINY_TEXT_CONFIG
+
+    return dict(TINY_TEXT_CONFIG)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def _load(size: int) -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    gray = torch.from_numpy(np.asarray(data.images, dtype=np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
+    if size != 8:
+        gray = F.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False)
+    images = gray.clamp(0, 1).repeat(1, 3, 1, 1).contiguous()
+    return images, torch.from_numpy(np.asarray(data.target, dtype=np.int64))
+
+
+def load_digit_images(size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
+    """All 1,797 digits as (N, 3, size, size) float32 in [0, 1] (ink bright) and their labels (N,) int64."""
+    if size < 8 or size % 8:
+        raise ValueError(f"size={size!r} must be a multiple of 8 (8, 16, 24, 32...)")
+    images, labels = _load(size)
+    return images.clone(), labels.clone()
+
+
+def split_indices(seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """Disjoint, class-stratified index sets {pretrain, reward, monitor, eval} covering every digit once."""
+    _, labels = _load(8)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[int]] = {k: [] for k in SPLITS}
+    bounds = np.cumsum(list(SPLITS.values()))
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels.numpy() == c))
+        cuts = np.round(bounds * len(idx)).astype(int)
+        for name, lo, hi in zip(SPLITS, np.r_[0, cuts[:-1]], cuts, strict=True):
+            parts[name].extend(idx[lo:hi].tolist())
+    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in parts.items()}
+
+
+def digit_split(name: str, size: int = IMAGE_SIZE, seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
+    """(images, labels) of one split: pretrain, reward, monitor or eval."""
+    if name not in SPLITS:
+        raise ValueError(f"split={name!r} is unknown; allowed: {', '.join(SPLITS)}")
+    images, labels = load_digit_images(size)
+    idx = torch.from_numpy(split_indices(seed)[name])
+    return images[idx], labels[idx]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainSettings:
+    """What ``pretrain_digits`` does. Defaults: the cached ``digits`` model (about a minute on 2 cores)."""
+
+    seed: int = 0
+    vae_steps: int = 200
+    unet_steps: int = 600
+    batch_size: int = 32
+    vae_lr: float = 2e-3
+    unet_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    cond_dropout: float = 0.1
+    subset: int | None = None  # train on the first `subset` pretrain images only (tests)
+    threads: int | None = 1  # torch intra-op threads while training (None: leave as is)
+
+
+@dataclass
+class PretrainResult:
+    directory: Path
+    settings: PretrainSettings
+    vae_losses: list[float] = field(default_factory=list)
+    unet_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with n intra-op threads (None: unchanged), restoring the previous count. These models are so
+    small that one thread is about as fast as two on an idle 2-core machine, and ten times faster than two
+    on a loaded one (OpenMP threads spin against each other: measured 0.026 vs 0.30 s per classifier step)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _train_vae(vae, images: Tensor, s: PretrainSettings, gen: torch.Generator, progress: bool) -> list[float]:
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    losses: list[float] = []
+    x_all = images * 2 - 1
+    vae.train()
+    with _progress(s.vae_steps, "pretrain VAE", progress) as bar:
+        for _ in range(s.vae_steps):
+            idx = torch.randint(0, len(x_all), (s.batch_size,), generator=gen)
+            x = x_all[idx]
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            rec = vae.decode(z).sample
+            kl = 0.5 * (post.mean.pow(2) + post.var - 1 - post.logvar).mean()
+            loss = F.mse_loss(rec, x) + s.kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    vae.eval()
+    return losses
+
+
+def _train_unet(
+    unet,
+    latents: Tensor,
+    cond: Tensor,
+    uncond: Tensor,
+    s: PretrainSettings,
+    gen: torch.Generator,
+    progress: bool,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+) -> list[float]:
+    from diffusers import DDPMScheduler
+
+    from scoreaction.models.presets import SD15_SCHEDULER_CONFIG
+
+    sched = DDPMScheduler(
+        **{k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")}
+    )
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=1e-4)
+    warmup = max(1, s.unet_steps // 20)
+    lr_at = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+    losses: list[float] = []
+    unet.train()
+    with _progress(s.unet_steps, "pretrain UNet", progress) as bar:
+        for _ in range(s.unet_steps):
+            idx = torch.randint(0, len(latents), (s.batch_size,), generator=gen)
+            z0 = latents[idx]
+            noise = torch.randn(z0.shape, generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (s.batch_size,), generator=gen)
+            zt = sched.add_noise(z0, noise, t)
+            drop = torch.rand(s.batch_size, generator=gen) < s.cond_dropout
+            enc = torch.where(drop[:, None, None], uncond.expand_as(cond[idx]), cond[idx])
+            pred = unet(zt, t, encoder_hidden_states=enc).sample
+            loss = F.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            lr_at.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(len(losses), unet)
+    unet.eval()
+    return losses
+
+
+def build_untrained_pipeline(seed: int, tokenizer_dir: str | Path):
+    """The digits pipeline at its seeded random initialisation (in memory)."""
+    from scoreaction.models.presets import build_components
+
+    return build_components(DIGITS_UNET_CONFIG, DIGITS_VAE_CONFIG, digits_text_config(), tokenizer_dir, seed)
+
+
+def pretrain_digits(
+    directory: str | Path,
+    settings: PretrainSettings | None = None,
+    progress: bool = True,
+    on_unet_step: Callable[[int, torch.nn.Module], None] | None = None,
+    overwrite: bool = False,
+) -> PretrainResult:
+    """Pretrain the digits pipeline and save it as a diffusers folder (safetensors), atomically, with
+    ``pretrain.json`` (settings, losses, seconds) and ``loss.png``. Deterministic for settings.seed (on the
+    same machine and torch build). The global RNG is left as it was. on_unet_step(step, unet) is called after
+    every UNet step (e.g. to keep snapshots). An existing non-empty directory is an error unless overwrite,
+    and is replaced only once the new model is complete."""
+    s = settings or PretrainSettings()
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"output directory {str(directory)!r} exists and is not empty; choose another or overwrite it "
+            "(jobs/pretrain.py --force)"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    start = time.perf_counter()
+    images, labels = digit_split("pretrain")
+    if s.subset is not None:
+        images, labels = images[: s.subset], labels[: s.subset]
+    try:
+        with (
+            torch.random.fork_rng(devices=[]),
+            torch_threads(s.threads),
+            tempfile.TemporaryDirectory() as tok_dir,
+        ):
+            pipe = build_untrained_pipeline(s.seed, tok_dir)
+            gen = torch.Generator().manual_seed(s.seed + 100)
+            pipe.text_encoder.requires_grad_(False)
+            with torch.no_grad():
+                tok = pipe.tokenizer(
+                    [*PROMPTS, ""],
+                    padding="max_length",
+                    max_length=pipe.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                )
+                emb = pipe.text_encoder(tok.input_ids)[0]
+            cond, uncond = emb[labels], emb[10:11]
+            vae_losses = _train_vae(pipe.vae, images, s, gen, progress)
+            pipe.vae.requires_grad_(False)
+            with torch.no_grad():
+                post = pipe.vae.encode(images * 2 - 1).latent_dist
+                scale = float(1.0 / post.mean.std())
+            pipe.vae.register_to_config(scaling_factor=scale)
+            latents = (post.mean * scale).detach()
+            unet_losses = _train_unet(pipe.unet, latents, cond, uncond, s, gen, progress, on_unet_step)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        result = PretrainResult(directory, s, vae_losses, unet_losses, time.perf_counter() - start)
+        (tmp / "pretrain.json").write_text(
+            json.dumps(
+                {
+                    "version": DIGITS_VERSION,
+                    "settings": asdict(s),
+                    "seconds": result.seconds,
+                    "vae_scaling_factor": scale,
+                    "vae_losses": vae_losses,
+                    "unet_losses": unet_losses,
+                },
+                indent=1,
+            )
+        )
+        write_loss_curve(vae_losses, unet_losses, tmp / "loss.png")
+        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+        if overwrite and directory.exists():
+            os.rename(directory, old)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process won the race; its folder is equivalent
+            if not (directory / "model_index.json").is_file():
+                raise
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("pretrained digits (seed %d) in %.1f s -> %s", s.seed, result.seconds, directory)
+    return result
+
+
+def _smooth(values: list[float], k: int = 20) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < k:
+        return v
+    return np.convolve(v, np.ones(k) / k, mode="valid")
+
+
+def write_loss_curve(vae_losses: list[float], unet_losses: list[float], path: str | Path) -> Path:
+    """Loss curves of the two pretraining stages (matplotlib, Agg), raw and a 20-step moving average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, losses, title in (
+        (axes[0], vae_losses, "VAE (MSE + KL)"),
+        (axes[1], unet_losses, "UNet (eps MSE)"),
+    ):
+        ax.plot(losses, color="0.75", lw=0.8, label="step")
+        sm = _smooth(losses)
+        ax.plot(np.arange(len(sm)) + (len(losses) - len(sm)), sm, color="C0", label="moving avg (20)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(title)
+        if losses and min(losses) > 0:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("digits pretraining")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def digits_pipeline_dir(seed: int = 0) -> Path:
+    """Folder of the pretrained digits pipeline for this seed, pretrained on first use (about a minute)."""
+    from scoreaction.models.presets import default_cache_dir
+
+    directory = default_cache_dir() / "models" / f"digits-{DIGITS_VERSION}-seed{seed}"
+    if not (directory / "model_index.json").is_file():
+        logger.info("pretraining the digits pipeline into %s (first use; about a minute)", directory)
+        pretrain_digits(directory, PretrainSettings(seed=seed), overwrite=True)  # a broken cache is replaced
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling (for the quality bar; the fine-tuning sampler draws the same images for eta=1 DDIM)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_digits(
+    pipe, per_digit: int, seed: int = 0, num_steps: int = 20, guidance_scale: float = 2.0, eta: float = 1.0
+) -> tuple[Tensor, list[str]]:
+    """per_digit samples of each prompt: images (10 * per_digit, 3, H, W) in [0, 1] and their prompts."""
+    prompts = [p for p in PROMPTS for _ in range(per_digit)]
+    gen = torch.Generator().manual_seed(seed)
+    out = pipe(
+        prompts,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        generator=gen,
+        output_type="pt",
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+    ).images
+    return out.float().clamp(0, 1), prompts
+
+
+def base_quality(
+    pipe,
+    per_digit: int = 20,
+    seed: int = 1,
+    num_steps: int = 20,
+    guidance_scale: float = 2.0,
+    eta: float = 1.0,
+) -> dict[str, float]:
+    """How often the model draws the prompted digit, by both classifiers, with the quality and diversity
+    measures: {accuracy_heldout, accuracy_reward, reward_mean, fid, diversity, n}."""
+    from scoreaction.rewards.digits import DigitClassifierReward, digit_fid, diversity
+
+    images, prompts = sample_digits(pipe, per_digit, seed, num_steps, guidance_scale, eta)
+    out: dict[str, float] = {"n": float(len(prompts))}
+    for name, split in (("heldout", "monitor"), ("reward", "reward")):
+        reward = DigitClassifierReward(f"digit_classifier_{name}", split, torch.device("cpu"))
+        scored = reward.score(images, prompts)
+        out[f"accuracy_{name}"] = float(scored.info["correct"].mean())
+        if name == "reward":
+            out["reward_mean"] = float(scored.scores.mean())
+    out["fid"] = digit_fid(images)
+    out["diversity"] = diversity(images, prompts)
+    return out
