@@ -162,6 +162,7 @@ class PretrainSettings:
     cond_dropout: float = 0.1
     subset: int | None = None  # train on the first `subset` pretrain images only (tests)
     threads: int | None = 1  # torch intra-op threads while training (None: leave as is)
+    train_text_encoder: bool = False  # False: the text encoder stays at its seeded random weights
 
 
 @dataclass
@@ -220,8 +221,9 @@ def _train_vae(vae, images: Tensor, s: PretrainSettings, gen: torch.Generator, p
 def _train_unet(
     unet,
     latents: Tensor,
-    cond: Tensor,
-    uncond: Tensor,
+    labels: Tensor,
+    embed: Callable[[], Tensor],
+    params: list[torch.nn.Parameter],
     s: PretrainSettings,
     gen: torch.Generator,
     progress: bool,
@@ -234,7 +236,7 @@ def _train_unet(
     sched = DDPMScheduler(
         **{k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")}
     )
-    opt = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=1e-4)
     warmup = max(1, s.unet_steps // 20)
     lr_at = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     losses: list[float] = []
@@ -247,12 +249,14 @@ def _train_unet(
             t = torch.randint(0, sched.config.num_train_timesteps, (s.batch_size,), generator=gen)
             zt = sched.add_noise(z0, noise, t)
             drop = torch.rand(s.batch_size, generator=gen) < s.cond_dropout
-            enc = torch.where(drop[:, None, None], uncond.expand_as(cond[idx]), cond[idx])
+            emb = embed()  # (11, L, D): the ten prompts and ""
+            c = emb[labels[idx]]
+            enc = torch.where(drop[:, None, None], emb[10:11].expand_as(c), c)
             pred = unet(zt, t, encoder_hidden_states=enc).sample
             loss = F.mse_loss(pred, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             lr_at.step()
             losses.append(float(loss.detach()))
@@ -304,17 +308,26 @@ def pretrain_digits(
         ):
             pipe = build_untrained_pipeline(s.seed, tok_dir)
             gen = torch.Generator().manual_seed(s.seed + 100)
-            pipe.text_encoder.requires_grad_(False)
-            with torch.no_grad():
-                tok = pipe.tokenizer(
-                    [*PROMPTS, ""],
-                    padding="max_length",
-                    max_length=pipe.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                )
-                emb = pipe.text_encoder(tok.input_ids)[0]
-            cond, uncond = emb[labels], emb[10:11]
+            pipe.text_encoder.requires_grad_(s.train_text_encoder)
+            ids = pipe.tokenizer(
+                [*PROMPTS, ""],
+                padding="max_length",
+                max_length=pipe.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            if s.train_text_encoder:
+                pipe.text_encoder.train()
+
+                def embed() -> Tensor:
+                    return pipe.text_encoder(ids)[0]
+            else:
+                with torch.no_grad():
+                    frozen = pipe.text_encoder(ids)[0]
+
+                def embed() -> Tensor:
+                    return frozen
+
             vae_losses = _train_vae(pipe.vae, images, s, gen, progress)
             pipe.vae.requires_grad_(False)
             with torch.no_grad():
@@ -322,7 +335,13 @@ def pretrain_digits(
                 scale = float(1.0 / post.mean.std())
             pipe.vae.register_to_config(scaling_factor=scale)
             latents = (post.mean * scale).detach()
-            unet_losses = _train_unet(pipe.unet, latents, cond, uncond, s, gen, progress, on_unet_step)
+            params = list(pipe.unet.parameters())
+            if s.train_text_encoder:
+                params += list(pipe.text_encoder.parameters())
+            unet_losses = _train_unet(
+                pipe.unet, latents, labels, embed, params, s, gen, progress, on_unet_step
+            )
+            pipe.text_encoder.eval().requires_grad_(False)
             pipe.save_pretrained(tmp, safe_serialization=True)
         result = PretrainResult(directory, s, vae_losses, unet_losses, time.perf_counter() - start)
         (tmp / "pretrain.json").write_text(
