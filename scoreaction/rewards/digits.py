@@ -92,7 +92,8 @@ def train_digit_classifier(split: str, steps: int = 250, batch_size: int = 32) -
         raise ValueError(f"split={split!r}: classifiers train on {', '.join(CLASSIFIER_SPLITS)}")
     seed = CLASSIFIER_SPLITS[split]
     images, labels = digit_split(split)
-    with torch.random.fork_rng(devices=[]), torch_threads(1):
+    # enable_grad: first use may come from inside a no_grad caller (classifier_features)
+    with torch.random.fork_rng(devices=[]), torch_threads(1), torch.enable_grad():
         torch.manual_seed(seed)
         model = DigitCNN()
         gen = torch.Generator().manual_seed(seed + 1000)
