@@ -586,6 +586,9 @@ def _digits() -> dict[str, Any]:
                 *("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"),
             ],
         },
+        # Measured --single-process with OMP_NUM_THREADS=1 on the shared 2-core machine: 46 s an epoch (40
+        # samples, 20 steps), 109 s for 2 epochs; with torch's default 2 threads the first epoch had not ended
+        # after 8 minutes (OpenMP threads spinning against other jobs). KL after one epoch ~58: lr untuned.
         "sampler": {"num_steps": 20, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 20},
         "reward": {"name": "digit_classifier", "monitor": ["digit_classifier_heldout"]},
         "algorithm": {"kl_coef": 1e-3, "learning_rate": 3e-3, "clip_range": 1e-2, "micro_batch_size": 10},
