@@ -35,7 +35,9 @@ def test_unknown_preset_lists_presets():
         ConfigError, match=r"preset='sd99' is unknown; allowed presets: tiny, toy-gmm, sd15, sd15-random"
     ):
         build_config("sd99")
-    with pytest.raises(ConfigError, match=r"model.preset='sd99'.*'tiny', 'toy-gmm', 'sd15' or 'sd15-random'"):
+    with pytest.raises(
+        ConfigError, match=r"model.preset='sd99'.*'tiny', 'toy-gmm', 'sd15', 'sd15-random' or 'digits'"
+    ):
         build_config("tiny", overrides=["model.preset=sd99"])
 
 
