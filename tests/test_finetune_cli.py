@@ -77,7 +77,7 @@ def test_help_lists_every_field_of_every_section_with_its_default(capsys):
     # the presets' values where they differ from the default; none where no preset sets the field
     assert entries["run.epochs"]["default"] == "3"
     assert entries["run.epochs"]["presets"] == (
-        "presets: tiny=8; toy-gmm=60; sd15=100; sd15-random=100; sd15-ctrl-paper=100; sd15-ddpo-paper=100"
+        "presets: tiny=8; toy-gmm=60; sd15=100; sd15-random=100; sd15-ctrl-paper=100; sd15-ddpo-paper=100; digits=4"
     )
     assert entries["sampler.stepper"]["presets"] == "presets: toy-gmm=euler_maruyama"
     assert entries["run.seed"]["presets"] == ""
