@@ -110,6 +110,7 @@ def clean_run(tmp_path_factory):
     return summary
 
 
+@pytest.mark.slow  # minutes on 2 cores: the default suite must stay under 15 min
 def test_rollout_reward_learner_and_a_save_killed_in_one_run_match_the_clean_run(clean_run, tmp_path):
     (tmp_path / "markers").mkdir()
     faults = FaultPlan(
@@ -148,6 +149,7 @@ def test_learner_killed_mid_epoch_restarts_from_checkpoint_and_matches_the_clean
     _assert_run_folder(tmp_path / "run")
 
 
+@pytest.mark.slow  # minutes on 2 cores: the default suite must stay under 15 min
 def test_a_nan_reward_stops_the_run_and_resume_continues_from_the_last_good_checkpoint(clean_run, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "markers").mkdir()

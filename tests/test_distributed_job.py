@@ -179,6 +179,7 @@ def test_ray_job_submit_tiny_writes_checkpoint_summary_grids_and_tensorboard(hea
     assert set(summary["final"]) >= {"reward_mean", "kl_mean", "objective"}
 
 
+@pytest.mark.slow  # minutes on 2 cores: the default suite must stay under 15 min
 def test_ray_job_submit_reward_rises(head, tmp_path):
     """A rising reward through the same job path in the default suite: toy-gmm rises within a few cheap
     epochs; the tiny preset's rise needs its full 8 epochs (the slow test below)."""

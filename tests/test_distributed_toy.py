@@ -44,6 +44,7 @@ def _train_distributed(tmp_path, overrides: list[str]) -> dict[str, float]:
     return evaluate_against_optimum(SimpleNamespace(cfg=cfg, policy=policy), 40)
 
 
+@pytest.mark.slow  # minutes on 2 cores: the default suite must stay under 15 min
 def test_reduced_toy_acceptance_through_rollout_reward_and_learner_workers(tmp_path):
     m = _train_distributed(tmp_path, REDUCED)
     print(f"\ndistributed toy CTRL (reduced) at 40 steps: {m}")
