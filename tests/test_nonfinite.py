@@ -342,7 +342,7 @@ def test_data_parallel_ranks_stop_together_on_a_nan_reward_and_skip_together_on_
         tmp_path, "algorithm.name=ctrl", "algorithm.micro_batch_size=32", "resources.num_learner_workers=2"
     )
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), cfg.model_dump()), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in results:
         # both ranks stop, with the count over the whole batch although rank 0's shard is clean
         kind, epoch, count, total, message = r["reward"]

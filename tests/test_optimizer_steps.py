@@ -189,7 +189,7 @@ def test_two_gloo_ranks_accumulate_the_same_step_as_one_process(tmp_path):
         "resources.num_learner_workers=2",
     )
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), two.model_dump()), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     one = _toy(tmp_path / "one", *common, "algorithm.micro_batch_size=64")
     expected, _ = _one_epoch_update(one, tmp_path / "one")
     assert [r["steps"] for r in ranks] == [1.0, 1.0] and len(expected) == 1
