@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scoreaction.config import PRESETS, Config, ConfigError, build_config  # noqa: E402
-from scoreaction.config_help import config_help, config_yaml  # noqa: E402
+from scoreaction.config.help import config_help, config_yaml  # noqa: E402
 from scoreaction.distributed.plan import (  # noqa: E402
     PlanError,
     build_plan,

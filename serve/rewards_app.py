@@ -48,7 +48,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
-from scoreaction.reward_config import RewardConfig
+from scoreaction.config.reward import RewardConfig
 from scoreaction.rewards import IMAGE_REWARDS, RewardError, build_named, check_images
 from serve.web import GuardMiddleware, error_response
 

@@ -135,11 +135,11 @@ def test_literal_values_are_not_yaml_and_set_values_still_are():
 
 
 def test_every_config_section_rejects_non_finite_floats():
-    """The shared base (scoreaction/config_base.py) covers every section, nested ones included;
+    """The shared base (scoreaction/config/base.py) covers every section, nested ones included;
     tests/test_nonfinite.py checks every float field."""
     from pydantic import BaseModel
 
-    from scoreaction.config_base import ConfigSection
+    from scoreaction.config.base import ConfigSection
 
     def sections(model: type[BaseModel]):
         yield model

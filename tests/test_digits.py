@@ -101,7 +101,7 @@ def test_pretraining_is_deterministic_and_keeps_existing_folders(tmp_path):
 
 
 def test_classifiers_score_the_right_digit_highest():
-    from scoreaction.reward_config import RewardConfig
+    from scoreaction.config.reward import RewardConfig
     from scoreaction.rewards import build_monitors, build_reward
 
     reward = build_reward(RewardConfig(name="digit_classifier", device="cpu"))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from scoreaction.config import ConfigError, build_config
-from scoreaction.reward_config import RewardConfig
+from scoreaction.config.reward import RewardConfig
 from scoreaction.rewards import (
     REWARDS,
     Reward,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scoreaction.reward_config import RewardConfig
+from scoreaction.config.reward import RewardConfig
 from scoreaction.rewards import RewardError, build_reward
 from scoreaction.rewards.imagereward import REWARD_MEAN, REWARD_STD
 

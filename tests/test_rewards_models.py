@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision import transforms as T
 
-from scoreaction.reward_config import RewardConfig
+from scoreaction.config.reward import RewardConfig
 from scoreaction.rewards import RewardError, build_reward
 from scoreaction.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, quantize
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from scoreaction.config import build_config
-from scoreaction.reward_config import RewardConfig
+from scoreaction.config.reward import RewardConfig
 from scoreaction.rewards import RewardError, build_reward
 from scoreaction.rewards.service_client import HandleReward, HttpReward, encode_images
 from scoreaction.trainer import Trainer

@@ -52,7 +52,7 @@ def test_the_scan_sees_the_repository():
         "Makefile",
         ".ci/run",
         "tests/test_cluster.py",
-        "scoreaction/config.py",
+        "scoreaction/config/__init__.py",
         "scoreaction/sde.py",
         "cluster/kuberay/rayjob-finetune.yaml",
         "tests/data/kuberay-crds/RayJob.json",

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.common import Result, interleaved_median, result
-from scoreaction.reward_config import RewardConfig
+from scoreaction.config.reward import RewardConfig
 from scoreaction.rewards import build_reward
 
 ROOT = Path(__file__).resolve().parents[2]

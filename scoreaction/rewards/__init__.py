@@ -27,7 +27,7 @@ import importlib
 import logging
 from collections.abc import Callable
 
-from scoreaction.reward_config import RewardConfig
+from scoreaction.config.reward import RewardConfig
 from scoreaction.rewards.base import (
     Reward,
     RewardError,

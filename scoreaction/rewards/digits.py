@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scoreaction.reward_config import RewardConfig
+from scoreaction.config.reward import RewardConfig
 from scoreaction.rewards.base import ModelReward, RewardError, RewardOutput, check_images, resolve_device
 
 logger = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ from torch import Tensor
 from scoreaction.rewards.base import Reward, RewardError, RewardOutput
 
 if TYPE_CHECKING:
-    from scoreaction.reward_config import RewardConfig
+    from scoreaction.config.reward import RewardConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The base of every run-configuration section (config.py, reward_config.py, resources_config.py).
+"""The base of every run-configuration section, and the error every config check raises.
 
 One place for the rules every section follows: unknown keys are errors, assignments are validated, and no
 float anywhere (a field, a list item, a dict value) may be NaN or +-inf: pydantic's ``allow_inf_nan=False``
@@ -10,5 +10,11 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field, the value and what is allowed."""
+
+
 class ConfigSection(BaseModel):
+    """A section of the run config: no unknown keys, validated assignments, finite floats only."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from scoreaction.config_base import ConfigSection
+from scoreaction.config.base import ConfigSection
 
 
 def _check_custom(kind: str, value: dict[str, float]) -> dict[str, float]:

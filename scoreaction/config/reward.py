@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from scoreaction.config_base import ConfigSection
+from scoreaction.config.base import ConfigSection
 
 RewardName = Literal[
     "linear",

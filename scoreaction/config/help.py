@@ -1,7 +1,7 @@
 """The run configuration as text: every field with its type, default and description, grouped by section
 (the epilog of ``jobs/finetune.py --help``), and a config as the YAML that rebuilds it (``--print-config``).
 
-Both are generated from the pydantic models (config.py, reward_config.py, resources_config.py), so a new
+Both are generated from the pydantic models (the sections of scoreaction.config), so a new
 field appears here with its description and default without an edit.
 """
 
@@ -16,7 +16,9 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from scoreaction.config import PRESETS, Config, build_config
+from scoreaction.config.build import build_config
+from scoreaction.config.presets import PRESETS
+from scoreaction.config.schema import Config
 
 # Sections in the order a user meets them; a section not named here follows them in Config's order.
 SECTION_ORDER: tuple[str, ...] = (
