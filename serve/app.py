@@ -6,11 +6,11 @@ Ingress (``Ingress``): routes, validation, auth, the body limit, metrics, the mo
 disk on every call). It resolves the request's model id (a run name follows the run's latest checkpoint) and
 routes to the model deployment with ``handle.options(multiplexed_model_id=...)``.
 
-Model (``ImageModel``): the base model plus an LRU of checkpoints per replica (``generate.ModelCache``: a model
-is pinned while a request uses it, so it is never evicted under it; ``@serve.multiplexed`` only tells Serve's
-router which replica holds which model), the cost limits (422), batching of compatible requests
-(``@serve.batch``; requests with the same size, steps, guidance and eta share network calls), generation in
-a worker thread so the replica keeps answering while it computes.
+Model (``ImageModel``): the base model plus an LRU of checkpoints per replica
+(``scoreaction.serving.model_cache.ModelCache``: a model is pinned while a request uses it, so it is never
+evicted under it; ``@serve.multiplexed`` only tells Serve's router which replica holds which model), the cost
+limits (422), batching of compatible requests (``@serve.batch``; requests with the same size, steps, guidance
+and eta share network calls), generation in a worker thread so the replica keeps answering while it computes.
 
 Overload: each deployment has ``max_ongoing_requests`` and ``max_queued_requests``. When the model queue is
 full the ingress answers 503 with Retry-After; when the ingress queue is full Serve's proxy does (its
@@ -37,14 +37,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scoreaction.catalog import CheckpointCatalog
-from scoreaction.serve_api import (
+from scoreaction.serving.api import (
     GenerateRequest,
     GenerateResponse,
     ModelList,
     OpenAIImageRequest,
     OpenAIImagesResponse,
 )
+from scoreaction.serving.catalog import CheckpointCatalog
 from serve.metrics import IngressMetrics, ModelMetrics
 from serve.settings import ModelArgs, ServeSettings
 from serve.web import (
@@ -96,7 +96,8 @@ class ImageModel:
     def __init__(self, args: dict[str, Any] | None = None) -> None:
         import torch
 
-        from scoreaction.generate import ImageGenerator, ModelCache
+        from scoreaction.serving.generate import ImageGenerator
+        from scoreaction.serving.model_cache import ModelCache
 
         self.args = ModelArgs.model_validate(args or {})
         if self.args.torch_threads:
@@ -121,7 +122,7 @@ class ImageModel:
         """job: GenerationSpec fields + 'path' (checkpoint folder or None), 'model' (concrete id) and
         'timeout_s' (the request's deadline from now). An error with an HTTP status (a limit, a broken
         checkpoint, busy slots, a timeout) is returned, not raised: it is an answer, not a replica failure."""
-        from scoreaction.generate import CancelToken, GenerationSpec
+        from scoreaction.serving.spec import CancelToken, GenerationSpec
 
         arrived = time.perf_counter()
         key = serve.get_multiplexed_model_id()
@@ -150,7 +151,7 @@ class ImageModel:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _batched(self, items: list[tuple]) -> list[dict[str, Any] | BaseException]:
-        from scoreaction.generate import GenerationCancelled
+        from scoreaction.serving.spec import GenerationCancelled
 
         start = time.perf_counter()
         groups: dict[tuple, list[int]] = {}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from scoreaction.catalog import validate_model_id
 from scoreaction.config import ModelConfig
-from scoreaction.generate import CostLimits
+from scoreaction.serving.catalog import validate_model_id
+from scoreaction.serving.spec import CostLimits
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 API_KEY_ENV = "SCOREACTION_API_KEY"

@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scoreaction.serve_api import MAX_BODY_BYTES, clean_text, jsonable
+from scoreaction.serving.api import MAX_BODY_BYTES, clean_text, jsonable
 from serve.settings import API_KEY_ENV
 
 logger = logging.getLogger(__name__)

@@ -15,13 +15,14 @@ from conftest import randomize_lora
 from PIL import Image
 from pydantic import ValidationError
 
-from scoreaction.catalog import CheckpointCatalog, ModelIdError, UnknownModelError, validate_model_id
 from scoreaction.checkpoint import CheckpointError, load_checkpoint, save_run_checkpoint
 from scoreaction.config import ModelConfig, SamplerConfig
-from scoreaction.generate import GenerationSpec, ImageGenerator, LoadedModel, images_to_uint8
 from scoreaction.policy import DiffusionPolicy
 from scoreaction.sampling import sample_trajectories
-from scoreaction.serve_api import GenerateRequest, OpenAIImageRequest
+from scoreaction.serving.api import GenerateRequest, OpenAIImageRequest
+from scoreaction.serving.catalog import CheckpointCatalog, ModelIdError, UnknownModelError, validate_model_id
+from scoreaction.serving.generate import ImageGenerator, LoadedModel, images_to_uint8
+from scoreaction.serving.spec import GenerationSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve/ package at the repo root
 from serve.web import prefers_png  # noqa: E402

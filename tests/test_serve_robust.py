@@ -22,27 +22,25 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scoreaction.catalog import (
+from scoreaction.checkpoint import LORA_FILE, METADATA_FILE, save_run_checkpoint
+from scoreaction.config import ModelConfig
+from scoreaction.policy import DiffusionPolicy
+from scoreaction.serving.api import GenerateRequest, ModelList, OpenAIImageRequest
+from scoreaction.serving.catalog import (
     CheckpointCatalog,
     ModelIdError,
     ModelNotReadyError,
     UnusableModelError,
 )
-from scoreaction.checkpoint import LORA_FILE, METADATA_FILE, save_run_checkpoint
-from scoreaction.config import ModelConfig
-from scoreaction.generate import (
+from scoreaction.serving.generate import ImageGenerator, LoadedModel
+from scoreaction.serving.model_cache import ModelCache, ModelSlotsBusyError
+from scoreaction.serving.spec import (
     CancelToken,
     CostLimits,
     GenerationCancelled,
     GenerationSpec,
-    ImageGenerator,
     InvalidRequestError,
-    LoadedModel,
-    ModelCache,
-    ModelSlotsBusyError,
 )
-from scoreaction.policy import DiffusionPolicy
-from scoreaction.serve_api import GenerateRequest, ModelList, OpenAIImageRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve/ package at the repo root
 from serve.web import (  # noqa: E402

@@ -60,7 +60,8 @@ def run(repeats: int) -> list[Result]:
     from ray import serve
 
     from scoreaction.config import ModelConfig
-    from scoreaction.generate import GenerationSpec, ImageGenerator, LoadedModel
+    from scoreaction.serving.generate import ImageGenerator, LoadedModel
+    from scoreaction.serving.spec import GenerationSpec
 
     # One torch thread on both sides. With 2 threads per process on a shared 2-core machine, OpenMP's
     # barrier waits dominate once Ray's processes run beside the driver (measured: 2.5 s -> 27-70 s for one

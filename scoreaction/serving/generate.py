@@ -2,8 +2,8 @@
 
 ``ImageGenerator`` holds one ``DiffusionPolicy`` (the base model). A LoRA checkpoint is loaded as one more
 named peft adapter on the same UNet (a few MB each, so an LRU of several costs almost nothing); a full
-fine-tune checkpoint as its own UNet. ``generate`` samples with the training sampler's math
-(``policy.time_grid``, ``policy.predict_eps``, ``step_mean_std``: DDIM with the request's eta) but records no
+fine-tune checkpoint as its own UNet. ``generate`` samples with the training sampler's step
+(``policy.time_grid``, ``policy.predict_eps``, ``sde.step``: DDIM with the request's eta) but keeps no
 latents, log-probs or reference values.
 
 Determinism. A request's noise comes from its own ``torch.Generator(seed)`` in the order
@@ -13,136 +13,51 @@ pick their blocking by batch shape, so a sample's float32 result depends on how 
 (measured on ``tiny``: odd batch sizes move epsilon by ~4e-6), though not on its position or its neighbours.
 So every network call here (text encoder, UNet, VAE) runs on exactly ``chunk`` samples, padding the last
 chunk: an image's bytes then depend only on its seed, its parameters, the model and ``chunk``, never on which
-other requests were batched with it.
+other requests were batched with it. The step itself is elementwise, so it runs per request (on that
+request's generator) without changing a bit.
 
-Cancellation. Each request may carry a ``CancelToken`` (set when its caller gives up: a timeout, a client gone;
-or past its own deadline). ``generate`` checks the tokens while it waits for the lock and before every
-denoising step: the rows of cancelled requests are dropped (the others' bytes do not change, see above), and
-once every request of the call is cancelled it raises ``GenerationCancelled`` and frees the lock, so the
-compute stops within one step.
+Cancellation. Each request may carry a ``CancelToken`` (``spec.py``). ``generate`` checks the tokens while it
+waits for the lock and before every denoising step: the rows of cancelled requests are dropped (the others'
+bytes do not change, see above), and once every request of the call is cancelled it raises
+``GenerationCancelled`` and frees the lock, so the compute stops within one step.
 
 Cost. ``check`` bounds a request by ``CostLimits``: its longest side (by default a small multiple of the
 model's native size) and its pixel-steps, n x height x width x steps (``InvalidRequestError``, HTTP 422).
 
-Loaded models. ``ModelCache`` is the replica's LRU of loaded checkpoints: a request pins its model from
-before it queues until its generation ends, so a model in use is never evicted; when every slot is pinned
-a new model waits for one, up to a bound, then ``ModelSlotsBusyError`` (HTTP 503). A checkpoint that cannot
-be loaded (truncated or missing weights, non-finite values, keys that do not fit) raises
-``UnusableModelError`` (HTTP 422).
+Loading. A checkpoint that cannot be loaded (truncated or missing weights, non-finite values, keys that do not
+fit) raises ``UnusableModelError`` (HTTP 422). Which models stay loaded is ``model_cache.ModelCache``'s call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import io
 import logging
 import threading
-import time
 import warnings
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from scoreaction.catalog import UnusableModelError, read_meta
 from scoreaction.checkpoint import CheckpointError, load_lora_state
 from scoreaction.config import ModelConfig
 from scoreaction.policy import DiffusionPolicy
-from scoreaction.sde import step_mean_std
-from scoreaction.serve_api import pixel_steps
+from scoreaction.sde import step
+from scoreaction.serving.api import pixel_steps
+from scoreaction.serving.catalog import UnusableModelError, read_meta
+from scoreaction.serving.spec import (
+    CancelToken,
+    CostLimits,
+    GenerationCancelled,
+    GenerationSpec,
+    InvalidRequestError,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidRequestError(ValueError):
-    """Parameters the API bounds allow but this model or the service's limits do not (HTTP 422). ``limit``:
-    {"name", "value", "allowed"} when a configured limit refused the request."""
-
-    status_code = 422
-
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        code: str = "invalid_request",
-        limit: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)  # args = (message,): pickles across Ray with the attributes below
-        self.param, self.code, self.limit = param, code, limit
-
-
-class GenerationCancelled(RuntimeError):
-    """Every request of a generate call was cancelled (timed out or given up): the compute stopped."""
-
-    status_code = 504
-    code = "timeout"
-
-
-class ModelSlotsBusyError(RuntimeError):
-    """Every slot of the replica's model LRU holds a model in use (HTTP 503 with Retry-After)."""
-
-    status_code = 503
-    code = "model_slots_busy"
-    param = "model"
-
-
-class CancelToken:
-    """Cancellation of one request: ``cancel()`` (its caller gave up) or its deadline passed. Thread-safe."""
-
-    def __init__(self, timeout_s: float | None = None) -> None:
-        self._event = threading.Event()
-        self.deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        self.reason = ""
-
-    def cancel(self, reason: str = "cancelled by its caller") -> None:
-        if not self._event.is_set():
-            self.reason = reason
-            self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        if not self._event.is_set() and self.deadline is not None and time.monotonic() >= self.deadline:
-            self.cancel("past its deadline")
-        return self._event.is_set()
-
-    def remaining(self) -> float | None:
-        """Seconds to the deadline (None: no deadline)."""
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-
-@dataclass(frozen=True)
-class CostLimits:
-    """Per-request bounds (serve/config.yaml ``user_config``)."""
-
-    max_pixel_steps: int | None = None  # n x height x width x num_inference_steps; None: unbounded
-    max_side_px: int | None = None  # longest allowed side; None: max_side_factor x the native size
-    max_side_factor: float = 2.0
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    """One request. Requests in one ``generate`` call share height, width, steps, guidance and eta."""
-
-    prompt: str
-    seed: int
-    n: int = 1
-    negative_prompt: str = ""
-    num_inference_steps: int = 20
-    guidance_scale: float = 7.5
-    eta: float = 1.0
-    height: int | None = None
-    width: int | None = None
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share UNet calls."""
-        return (self.height, self.width, self.num_inference_steps, self.guidance_scale, self.eta)
 
 
 @dataclass
@@ -399,6 +314,14 @@ class ImageGenerator:
         policy = self.policy
         alive = list(range(len(specs)))  # requests still wanted, in order; their rows make up x, emb, neg
 
+        def spans() -> list[tuple[int, int, int]]:
+            """(request, first row, end row) of every request still wanted, in row order."""
+            out, row = [], 0
+            for i in alive:
+                out.append((i, row, row + specs[i].n))
+                row += specs[i].n
+            return out
+
         def drop_cancelled(*rows: Tensor | None) -> list[Tensor | None]:
             """Drop the rows of requests cancelled since the last call (raise once none is left)."""
             nonlocal alive
@@ -408,11 +331,7 @@ class ImageGenerator:
                 raise GenerationCancelled(f"every request was cancelled ({', '.join(reasons)})")
             if keep == alive:
                 return list(rows)
-            offsets, o = {}, 0
-            for i in alive:
-                offsets[i] = o
-                o += specs[i].n
-            index = torch.tensor([offsets[i] + j for i in keep for j in range(specs[i].n)])
+            index = torch.tensor([j for i, a, b in spans() if i in keep for j in range(a, b)])
             alive = keep
             return [r if r is None else r[index.to(r.device)] for r in rows]
 
@@ -430,20 +349,14 @@ class ImageGenerator:
                     negatives = [specs[i].negative_prompt for i in alive for _ in range(specs[i].n)]
                     neg = self._chunked(policy.encode_prompts, negatives)
                 gens = {i: torch.Generator(device=policy.device).manual_seed(specs[i].seed) for i in alive}
-
-                def noise(like_shape: tuple[int, ...]) -> Tensor:
-                    draws = [
+                x = torch.cat(
+                    [
                         torch.randn(
-                            (specs[i].n, *like_shape),
-                            generator=gens[i],
-                            device=policy.device,
-                            dtype=torch.float32,
+                            (specs[i].n, *shape), generator=gens[i], device=policy.device, dtype=torch.float32
                         )
                         for i in alive
                     ]
-                    return torch.cat(draws)
-
-                x = noise(shape)
+                )
                 for k in range(first.num_inference_steps):
                     x, emb, neg = drop_cancelled(x, emb, neg)  # the compute stops within one step
                     t, s = t_grid[k], t_grid[k + 1]
@@ -452,19 +365,22 @@ class ImageGenerator:
                         return policy.predict_eps(x_c, t, e_c, n_c, first.guidance_scale)
 
                     eps = self._chunked(eps_fn, x, emb, neg) if guided else self._chunked(eps_fn, x, emb)
-                    mean, std = step_mean_std("ddim", policy.schedule, eps, x, t, s, first.eta)
-                    std = torch.as_tensor(std, device=mean.device).to(mean.dtype)
-                    std = std.reshape(std.shape + (1,) * (mean.dim() - std.dim())) if std.dim() else std
-                    x = mean + std * noise(tuple(mean.shape[1:]))  # as sde.sample_or_score
+                    # the sampler's step, per request on its own generator (elementwise: no bit changes)
+                    x = torch.cat(
+                        [
+                            step(
+                                "ddim", policy.schedule, eps[a:b], x[a:b], t, s, first.eta, generator=gens[i]
+                            ).x_next
+                            for i, a, b in spans()
+                        ]
+                    )
                 (x,) = drop_cancelled(x)
                 pixels = images_to_uint8(self._chunked(policy.decode, x))
         finally:
             self._lock.release()
         out: list[list[bytes] | None] = [None] * len(specs)
-        row = 0
-        for i in alive:
-            out[i] = [encode_png(pixels[j]) for j in range(row, row + specs[i].n)]
-            row += specs[i].n
+        for i, a, b in spans():
+            out[i] = [encode_png(pixels[j]) for j in range(a, b)]
         return out
 
 
@@ -472,108 +388,3 @@ def _check_finite(state: dict[str, Tensor]) -> None:
     for name, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"its weights hold non-finite values (NaN or Inf) in {name}")
-
-
-# --------------------------------------------------------------------------------------------------
-# The replica's LRU of loaded models
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Slot:
-    task: asyncio.Future  # the load: its result is the LoadedModel
-    pins: int = 0
-
-
-class ModelCache:
-    """At most ``capacity`` loaded models, least recently used evicted first, never one in use.
-
-    ``use(key, path)`` pins the model (loading it if needed) for the ``async with`` block. A load that
-    needs a slot evicts the least recently used unpinned model (unloading it in the same worker thread,
-    before the new load); when every slot is pinned it waits for one up to ``wait_s``, then raises
-    ModelSlotsBusyError. Runs on one event loop (a Serve replica's); loads and unloads run in threads and
-    go on when the request that started them is cancelled (the next request finds the model loaded).
-    """
-
-    def __init__(self, load: Callable[[str, str | None, str | None], LoadedModel], capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity={capacity} must be >= 1")
-        self._load = load
-        self.capacity = capacity
-        self._slots: OrderedDict[str, _Slot] = OrderedDict()
-        self._waiters: set[asyncio.Future] = set()
-
-    def keys(self) -> list[str]:
-        """Keys held or loading, least recently used first."""
-        return list(self._slots)
-
-    def pins(self, key: str) -> int:
-        slot = self._slots.get(key)
-        return slot.pins if slot is not None else 0
-
-    @contextlib.asynccontextmanager
-    async def use(
-        self, key: str, path: str | None, model_id: str | None = None, wait_s: float = 10.0
-    ) -> AsyncIterator[LoadedModel]:
-        slot = await self._pin(key, path, model_id, wait_s)
-        try:
-            model = await asyncio.shield(slot.task)
-            yield model
-        finally:
-            slot.pins -= 1
-            self._wake()
-
-    async def _pin(self, key: str, path: str | None, model_id: str | None, wait_s: float) -> _Slot:
-        deadline = time.monotonic() + wait_s
-        while True:
-            slot = self._slots.get(key)
-            if slot is not None:
-                slot.pins += 1
-                self._slots.move_to_end(key)
-                return slot
-            evicted = self._evict() if len(self._slots) >= self.capacity else None
-            if len(self._slots) < self.capacity:
-                task = asyncio.ensure_future(asyncio.to_thread(self._swap, evicted, key, path, model_id))
-                slot = self._slots[key] = _Slot(task, pins=1)
-                task.add_done_callback(functools.partial(self._loaded, key, slot))
-                return slot
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ModelSlotsBusyError(
-                    f"all {self.capacity} model slots of this replica (max_loaded_models) hold models in use by "
-                    f"other requests, and none freed within {wait_s:g} s; retry later"
-                )
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.add(waiter)
-            try:
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                pass
-            finally:
-                self._waiters.discard(waiter)
-
-    def _evict(self) -> LoadedModel | None:
-        """Drop the least recently used loaded, unpinned model from the table; the caller unloads it."""
-        for key, slot in self._slots.items():
-            if slot.pins == 0 and slot.task.done():
-                del self._slots[key]
-                if slot.task.cancelled() or slot.task.exception() is not None:
-                    return None
-                return slot.task.result()
-        return None
-
-    def _swap(self, old: LoadedModel | None, key: str, path: str | None, model_id: str | None) -> LoadedModel:
-        if old is not None:
-            old.unload()
-        return self._load(key, path, model_id)
-
-    def _loaded(self, key: str, slot: _Slot, task: asyncio.Future) -> None:
-        if task.cancelled() or task.exception() is not None:  # also marks the exception retrieved
-            if self._slots.get(key) is slot:
-                del self._slots[key]
-        self._wake()
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from scoreaction.checkpoint import METADATA_FILE, CheckpointError, latest_checkpoint, read_metadata
-from scoreaction.serve_api import clean_text
+from scoreaction.serving.api import clean_text
 
 logger = logging.getLogger(__name__)
 
