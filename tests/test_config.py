@@ -152,3 +152,70 @@ def test_every_config_section_rejects_non_finite_floats():
     assert len(found) > 10
     for model in found:
         assert issubclass(model, ConfigSection) and model.model_config["allow_inf_nan"] is False, model
+
+
+def _leaf_fields(model, prefix: str = ""):
+    """(dotted key, FieldInfo) of every field that is not itself a section, walking the pydantic models."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def test_help_text_has_every_field_of_every_section_with_its_default_and_description():
+    """config_help() (the epilog of jobs/finetune.py --help): one '--set KEY=TYPE  (default X)' line per field,
+    X read back as YAML equal to the field's own default, the description right under it, grouped under a
+    heading per section."""
+    import yaml
+
+    from scoreaction.config import config_help
+
+    text = config_help()
+    lines = text.splitlines()
+    leaves = dict(_leaf_fields(Config))
+    assert len(leaves) > 80  # every section, the reward's options blocks included
+    headers = {}
+    for i, line in enumerate(lines):
+        if line.startswith("  --set "):
+            key, rest = line.removeprefix("  --set ").split("=", 1)
+            headers[key] = (i, rest.split("  (default ", 1)[1].removesuffix(")"))
+    assert sorted(headers) == sorted(leaves)
+    for key, field in leaves.items():
+        i, default = headers[key]
+        assert yaml.safe_load(default) == field.get_default(call_default_factory=True), key
+        described = []
+        for line in lines[i + 1 :]:
+            if not line.startswith("      ") or line.strip().startswith("presets:"):
+                break
+            described.append(line.strip())
+        assert " ".join(described) == " ".join(field.description.split()), key
+        section = key.rsplit(".", 1)[0]
+        heading = max(j for j, line in enumerate(lines[:i]) if line and not line.startswith(" "))
+        assert lines[heading].split(":", 1)[0] == section, key
+
+
+def test_the_chosen_preset_is_recorded_and_is_not_a_setting():
+    """run.preset names the --preset a config was built from (model.preset is the model: sd15 for the paper
+    presets); it is filled in by build_config, survives a YAML file, and --help lists no preset values for it."""
+    import typing
+
+    from scoreaction.config import PRESETS, config_help, validate_config
+    from scoreaction.config.run import PresetName
+
+    assert list(typing.get_args(PresetName)) == list(PRESETS)
+    for name in PRESETS:
+        assert build_config(name).run.preset == name
+    cfg = build_config("sd15-ctrl-paper")
+    assert (cfg.run.preset, cfg.model.preset) == ("sd15-ctrl-paper", "sd15")
+    assert Config().run.preset is None and validate_config({}).run.preset is None
+    with pytest.raises(ConfigError, match=r"run.preset='sd99': Input should be 'tiny', 'toy-gmm'"):
+        build_config("tiny", overrides=["run.preset=sd99"])
+    lines = config_help().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  --set run.preset="))
+    assert lines[at].endswith("(default null)")
+    after = lines[at + 1 : next(j for j in range(at + 1, len(lines)) if lines[j].startswith("  --set "))]
+    assert after and not any("presets:" in line for line in after)

@@ -109,7 +109,9 @@ def test_dry_run_without_weights_prints_the_plan_and_where_to_put_them(monkeypat
     rc = finetune.main(["--preset", "sd15-ctrl-paper", "--dry-run", "--output-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "resource plan" in out and "100 epochs x 512 samples" in out
+    assert (
+        "resource plan: preset sd15-ctrl-paper (model sd15), algorithm ctrl, 100 epochs x 512 samples" in out
+    )
     assert "optimizer steps: 2 per epoch" in out
     assert f"MISSING model (model.name_or_path='{DEFAULT_SD15_ID}')" in out
     assert "--set model.name_or_path=DIR" in out
@@ -148,4 +150,27 @@ def test_dry_run_with_the_weights_in_place_says_found(monkeypatch, capsys, tmp_p
     )
     out = capsys.readouterr().out
     assert rc == 0 and "MISSING" not in out and "some weights are missing" not in out
+    assert (
+        "resource plan: preset sd15-ddpo-paper (model sd15), algorithm ddpo, 100 epochs x 256 samples" in out
+    )
     assert out.count("  found") == 3
+
+
+def test_the_plan_names_the_chosen_preset_and_its_model():
+    """The paper presets run model.preset sd15: the plan says which preset the user chose and which model it
+    runs; a preset that is its own model is named once."""
+    from scoreaction.config import Config
+    from scoreaction.distributed.plan import build_plan, format_plan, local_node
+
+    def first_line(cfg):
+        plan = build_plan(cfg)
+        return format_plan(cfg, plan, [local_node(plan, 0)], "local", "/tmp/ckpt").splitlines()[0]
+
+    assert first_line(build_config("sd15-ddpo-paper")).startswith(
+        "resource plan: preset sd15-ddpo-paper (model sd15), algorithm ddpo,"
+    )
+    assert first_line(build_config("sd15-random")).startswith("resource plan: preset sd15-random, algorithm")
+    assert first_line(build_config("tiny", overrides=["model.preset=sd15-random"])).startswith(
+        "resource plan: preset tiny (model sd15-random),"
+    )
+    assert first_line(Config()).startswith("resource plan: preset tiny, algorithm ctrl,")  # no --preset

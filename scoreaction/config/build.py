@@ -89,10 +89,10 @@ def build_config(
     overrides: list[str] | None = None,
     values: dict[str, Any] | None = None,
 ) -> Config:
-    """Preset, then YAML file, then --set overrides (values parsed as YAML), then `values` ({dotted key:
-    value}, taken literally: paths and other strings from options), validated. Raises ConfigError naming
-    each bad field."""
-    data = preset(preset_name)
+    """Preset (its name goes to run.preset), then YAML file, then --set overrides (values parsed as YAML),
+    then `values` ({dotted key: value}, taken literally: paths and other strings from options), validated.
+    Raises ConfigError naming each bad field."""
+    data = _merge(preset(preset_name), {"run": {"preset": preset_name}})
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():

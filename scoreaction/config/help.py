@@ -16,8 +16,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from scoreaction.config.build import build_config
-from scoreaction.config.presets import PRESETS
+from scoreaction.config.build import validate_config
+from scoreaction.config.presets import PRESETS, preset
 from scoreaction.config.schema import Config
 
 # Sections in the order a user meets them; a section not named here follows them in Config's order.
@@ -94,7 +94,8 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
 def config_help(width: int = _WIDTH) -> str:
     """Every config field, grouped by section: ``--set section.field=TYPE  (default X)``, its description,
     and the values the presets give it where they differ from the default."""
-    presets = {name: build_config(name).model_dump(mode="json") for name in PRESETS}
+    # what each preset sets (build_config would add its name as run.preset, which is not a setting)
+    presets = {name: validate_config(preset(name)).model_dump(mode="json") for name in PRESETS}
     defaults = Config().model_dump(mode="json")
     indent = " " * 6
     lines = [
@@ -128,8 +129,8 @@ def config_help(width: int = _WIDTH) -> str:
                 break_long_words=False,
             )
             changed = [
-                f"{preset}={yaml_value(value)}"
-                for preset, data in presets.items()
+                f"{preset_name}={yaml_value(value)}"
+                for preset_name, data in presets.items()
                 if (value := _lookup(data, dotted)) is not _MISSING and value != _lookup(defaults, dotted)
             ]
             if changed:

@@ -3,15 +3,23 @@ often they are written."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from scoreaction.config.base import ConfigSection
 from scoreaction.prompts import PROMPT_SETS, PromptFileError, PromptSet, builtin_prompts, read_prompts_file
 
+# The names of the presets (scoreaction.config.presets.PRESETS; a test checks that the two agree).
+PresetName = Literal["tiny", "toy-gmm", "sd15", "sd15-random", "sd15-ctrl-paper", "sd15-ddpo-paper", "digits"]
+
 
 class RunConfig(ConfigSection):
+    preset: PresetName | None = Field(
+        None,
+        description="The --preset this config was built from, filled in by build_config: a label (the resource "
+        "plan of --dry-run names it), not a setting; the model is model.preset. Null: built without a preset.",
+    )
     seed: int = Field(0, description="Seed of sampling noise, prompts and initialisation.")
     epochs: int = Field(
         3, ge=0, description="Fine-tuning epochs (rollout, reward, value update, policy update)."

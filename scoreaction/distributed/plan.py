@@ -226,8 +226,10 @@ def format_plan(
     cfg: Config, plan: ResourcePlan, nodes: list[NodeInfo], cluster: str, checkpoint_dir: str
 ) -> str:
     """The --dry-run text: actors, resources each, placement, failure handling, and whether it fits."""
+    chosen, model = cfg.run.preset, cfg.model.preset
+    name = f"{chosen} (model {model})" if chosen is not None and chosen != model else model
     lines = [
-        f"resource plan: preset {cfg.model.preset}, algorithm {cfg.algorithm.name}, "
+        f"resource plan: preset {name}, algorithm {cfg.algorithm.name}, "
         f"{cfg.run.epochs} epochs x {cfg.run.num_samples} samples",
         f"cluster: {cluster}: {_cluster_line(nodes)}",
         "",

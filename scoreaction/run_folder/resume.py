@@ -23,6 +23,8 @@ RESUMABLE_CHANGES = (
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.grid_every",
+    # the name of the preset the config was built from: a label; the settings it gave are compared one by one
+    "run.preset",
     # a stopping rule, not a number the run computes: raise it to resume after a skipped-steps stop
     "algorithm.max_skipped_steps",
 )
