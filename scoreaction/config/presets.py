@@ -63,7 +63,7 @@ def _sd15() -> dict[str, Any]:
         # from the released CTRL code: LoRA rank 4, AdamW 5e-5, clip 1.5e-5 on dim-averaged log-probs,
         # 512 samples/epoch, grad-clip 1.0. Unlike the authors (2 optimizer steps an epoch, see
         # sd15-ctrl-paper), this preset makes 2 passes with one optimizer step per micro-batch of 2: 512
-        # steps an epoch (trajectories_per_step None), kept as it was so earlier results stay comparable.
+        # steps an epoch (trajectories_per_step None).
         "algorithm": {
             "learning_rate": 5e-5,
             "clip_range": 1.5e-5,
@@ -86,7 +86,8 @@ def _sd15() -> dict[str, Any]:
 # per optimizer step = train.batch_size * gradient_accumulation_steps * 4.
 def _sd15_paper_common() -> dict[str, Any]:
     return {
-        # B base.py: pretrained.model = "runwayml/stable-diffusion-v1-5" (now served as DEFAULT_SD15_ID)
+        # B base.py: pretrained.model = "runwayml/stable-diffusion-v1-5" (the same weights are published as
+        # DEFAULT_SD15_ID)
         "model": {"preset": "sd15", "name_or_path": DEFAULT_SD15_ID},
         # B base.py use_lora = True; train_*.py: diffusers 0.17.1 LoRAAttnProcessor on every attention
         # processor (to_q, to_k, to_v, to_out), its default rank 4, no network_alpha (scale 1).

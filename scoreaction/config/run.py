@@ -17,8 +17,9 @@ PresetName = Literal["tiny", "toy-gmm", "sd15", "sd15-random", "sd15-ctrl-paper"
 class RunConfig(ConfigSection):
     preset: PresetName | None = Field(
         None,
-        description="The --preset this config was built from, filled in by build_config: a label (the resource "
-        "plan of --dry-run names it), not a setting; the model is model.preset. Null: built without a preset.",
+        description="The --preset this config was built from, filled in by build_config: a label (the "
+        "resource plan of --dry-run names it), not a setting; the model is model.preset. Null: built without "
+        "a preset.",
     )
     seed: int = Field(0, description="Seed of sampling noise, prompts and initialisation.")
     epochs: int = Field(
