@@ -281,7 +281,7 @@ def test_running_normaliser_state_round_trips_and_the_learner_reproduces_the_rew
     for x, want in zip(batches[2:], expected[2:], strict=True):
         assert torch.equal(restored(x, [""] * 8), want)
         assert torch.equal(first(x, [""] * 8), want)
-    # a fresh normaliser (what a restarted worker used to have) gives other numbers
+    # a fresh normaliser (a restarted worker that did not restore the statistics) gives other numbers
     assert not torch.equal(_weighted_sum()(batches[2], [""] * 8), expected[2])
     with pytest.raises(ResumeError, match="running reward statistics"):
         load_reward_stats(WeightedSum({"c": _Part(1.0)}, {"c": 1.0}, "running"), state)
@@ -365,3 +365,16 @@ def test_finetune_single_process_resume_passes_through(tmp_path, capsys):
     assert finetune.main([*base, "--resume"]) == 0  # already at epoch 2 of 2: evaluates and ends
     summary = json.loads((out / "summary.json").read_text())
     assert [m["epoch"] for m in summary["per_epoch"]] == [0, 1]
+
+
+def test_a_resumed_run_may_carry_another_preset_label_but_no_other_setting():
+    """run.preset is a label (the settings a preset gave are compared one by one): a checkpoint whose
+    config has no run.preset, or another name for the same settings, resumes; a changed setting is
+    still named."""
+    from scoreaction.run_folder import config_differences
+
+    saved = build_config("tiny").model_dump()
+    del saved["run"]["preset"]
+    assert config_differences(saved, build_config("tiny").model_dump()) == []
+    changed = build_config("tiny", overrides=["sampler.num_steps=7"]).model_dump()
+    assert config_differences(saved, changed) == ["sampler.num_steps: 20 -> 7"]
