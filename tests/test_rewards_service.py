@@ -173,7 +173,7 @@ def test_concurrent_callers_are_batched_and_correct(service):
     assert max(new) > 1, f"8 concurrent requests were never batched together: {new}"
 
 
-def test_tiny_finetuning_run_uses_the_service(service, tmp_path, tiny_dir):
+def test_tiny_finetuning_run_uses_the_service(service, tmp_path, tiny_dir, monkeypatch):
     # tiny_dir: the tiny pipeline is written before the runs, so all runs start from the same RNG state
     def run(out: str, *extra: str) -> dict:
         overrides = [
@@ -201,12 +201,23 @@ def test_tiny_finetuning_run_uses_the_service(service, tmp_path, tiny_dir):
             ],
         }
 
+    sent: list[int] = []  # images in each score call the run made through the HTTP client
+    http_score = HttpReward._score
+
+    def counting_score(self: HttpReward, images: torch.Tensor, prompts: list[str]):
+        sent.append(images.shape[0])
+        return http_score(self, images, prompts)
+
+    monkeypatch.setattr(HttpReward, "_score", counting_score)
     before = scored()
     local = run("local")
     assert scored() == before  # the local run scores in-process
     via_http = run("http", f"reward.service={service['url']}")
-    # the run scored through the service: at least its epoch's rollouts and its final evaluation
-    assert scored() - before >= 2
+    # every query the run counted went through the service client: the epoch's and the final evaluation's
+    # rollouts, 4 images and 4 x 2 x0_hat priors each (an in-process reward sends none)...
+    assert sum(sent) == via_http["reward_queries"] >= 4 * (1 + 2)
+    # ...and the service answered each of those calls (one request each: none is over its body limit)
+    assert scored() - before == len(sent)
     # same seed, same images: the service's scores equal the local ones, so every number of the run is equal
     assert numbers(via_http) == numbers(local)
 
