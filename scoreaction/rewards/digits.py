@@ -257,3 +257,59 @@ def diversity(images: Tensor, prompts: list[str]) -> float:
     if not per_prompt:
         raise ValueError("diversity needs at least one prompt with two or more images")
     return float(np.mean(per_prompt))
+
+
+# --------------------------------------------------------------------------------------------------
+# The base model's quality (the pretraining's quality bar)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_digits(
+    pipe, per_digit: int, seed: int = 0, num_steps: int = 20, guidance_scale: float = 2.0, eta: float = 1.0
+) -> tuple[Tensor, list[str]]:
+    """per_digit samples of each digit prompt from a diffusers pipeline: images (10 * per_digit, 3, H, W) in
+    [0, 1] and their prompts (digit-major: all 0s first)."""
+    from scoreaction.models.digits import IMAGE_SIZE, PROMPTS
+
+    prompts = [p for p in PROMPTS for _ in range(per_digit)]
+    gen = torch.Generator().manual_seed(seed)
+    out = pipe(
+        prompts,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        generator=gen,
+        output_type="pt",
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+    ).images
+    return out.float().clamp(0, 1), prompts
+
+
+def base_quality(
+    pipe,
+    per_digit: int = 20,
+    seed: int = 1,
+    num_steps: int = 20,
+    guidance_scale: float = 2.0,
+    eta: float = 1.0,
+) -> dict:
+    """How often a pipeline draws the prompted digit, by both classifiers, with the quality and diversity
+    measures: {n, accuracy_heldout, accuracy_heldout_per_digit (list of 10), accuracy_reward, reward_mean,
+    fid, diversity}."""
+    images, prompts = sample_digits(pipe, per_digit, seed, num_steps, guidance_scale, eta)
+    labels = torch.tensor(prompt_digits(prompts))
+    out: dict = {"n": len(prompts)}
+    for name, split in (("heldout", "monitor"), ("reward", "reward")):
+        reward = DigitClassifierReward(f"digit_classifier_{name}", split, torch.device("cpu"))
+        scored = reward.score(images, prompts)
+        correct = scored.info["correct"].float().cpu()
+        out[f"accuracy_{name}"] = float(correct.mean())
+        if name == "heldout":
+            out["accuracy_heldout_per_digit"] = [float(correct[labels == d].mean()) for d in range(10)]
+        else:
+            out["reward_mean"] = float(scored.scores.mean())
+    out["fid"] = digit_fid(images)
+    out["diversity"] = diversity(images, prompts)
+    return out
