@@ -36,7 +36,7 @@ from scoreaction.distributed.plan import (  # noqa: E402
     nodes_from_ray,
     validate_layout,
 )
-from scoreaction.distributed.resume import ResumeError  # noqa: E402
+from scoreaction.run_folder import ResumeError  # noqa: E402
 
 
 class ConnectError(RuntimeError):
@@ -145,41 +145,21 @@ def cluster_nodes(cfg: Config) -> tuple[list, str]:
 
 
 def run_single_process(cfg: Config, out: Path, resume: bool = False) -> dict:
-    """The reference loop in one process (no Ray), with a progress bar per epoch. The Trainer owns the run
-    folder (refusing one that holds checkpoints unless resume) and resumes from its last checkpoint."""
-    from tqdm import tqdm
-
+    """The epoch loop in this process (no Ray): the in-process backend, same files, same checkpoints."""
+    from scoreaction.faults import FaultPlan
     from scoreaction.trainer import Trainer
 
-    trainer = Trainer(cfg, out)
-    bar = tqdm(total=cfg.run.epochs, desc=f"{cfg.algorithm.name} on {cfg.model.preset}", unit="epoch")
-
-    def progress(m: dict) -> None:
-        bar.set_postfix(reward=f"{m['rollout/reward_mean']:.4g}", kl=f"{m['rollout/kl_mean']:.3g}")
-        bar.update(1)
-
-    try:
-        return trainer.fit(progress, resume=resume)
-    finally:
-        bar.close()
+    return Trainer(cfg, out, faults=FaultPlan.from_env()).fit(resume=resume, progress_bar=True)
 
 
 def run(cfg: Config, out: Path, resume: bool) -> dict:
-    """The distributed run: checks first (nothing started, nothing written), then Ray."""
+    """The Ray run: every check that needs no cluster first (nothing started, nothing written), then Ray."""
     import torch
 
-    from scoreaction.distributed.driver import (
-        check_run_dir,
-        checkpoint_dir_for,
-        one_host_threads,
-        run_distributed,
-    )
+    from scoreaction.distributed.driver import one_host_threads, preflight, run_distributed
 
-    validate_layout(cfg)
-    check_run_dir(cfg, checkpoint_dir_for(cfg, out), resume)
     local = not os.environ.get("RAY_ADDRESS")
-    if local and cfg.resources.require_fit:
-        check_fit(build_plan(cfg), [local_node(build_plan(cfg), torch.cuda.device_count())])
+    preflight(cfg, out, resume, [local_node(build_plan(cfg), torch.cuda.device_count())] if local else None)
     started = connect(cfg)
     try:
         # one host: the actors that run at the same time split its cores (driver.one_host_threads)

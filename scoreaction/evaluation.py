@@ -37,7 +37,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def policy_from_checkpoint(path: str | os.PathLike, device: str | None = None) -> tuple[Config, Policy, dict]:
     """Rebuild the run's config and policy from a checkpoint (its checkpoint.json) and load the weights."""
-    from scoreaction.trainer import build_policy
+    from scoreaction.builders import build_policy
 
     ckpt = resolve_checkpoint(path)
     meta = read_metadata(ckpt)

@@ -209,6 +209,18 @@ def _check_eta(eta: float, allow_zero: bool = False) -> None:
         raise ValueError(f"sampler.eta={eta!r} is outside {allowed}")
 
 
+def x0_hat(x_t: Tensor, eps: Tensor, ab_t: Tensor | float) -> Tensor:
+    """Tweedie / DDIM estimate of the data x_0 from the state x_t and the predicted noise eps:
+
+        x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+
+    ab_t = alpha_bar(t): a number, or a tensor that broadcasts against x_t (shape it: (B, 1, 1, 1) for a batch
+    of states, (1, N, 1, 1, 1) for the N states of trajectories). The sampler's DDIM step, the value function's
+    reward prior and the value gradient all use this one formula."""
+    ab_t = torch.as_tensor(ab_t, device=x_t.device)  # coefficients in ab_t's precision, then x_t's dtype
+    return (x_t - (1 - ab_t).sqrt().to(x_t.dtype) * eps) / ab_t.sqrt().to(x_t.dtype)
+
+
 def ddim_mean_std(
     schedule: VPSchedule, eps: Tensor, x_t: Tensor, t: Tensor, s: Tensor, eta: float
 ) -> tuple[Tensor, Tensor]:
@@ -227,9 +239,9 @@ def ddim_mean_std(
     var = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
     sigma = var.sqrt()
     # 2. predicted x_0, 3. direction pointing to x_t, 4. mean
-    x0_hat = (x_t - _bcast((1 - ab_t).sqrt(), x_t) * eps) / _bcast(ab_t.sqrt(), x_t)
+    x0 = x0_hat(x_t, eps, ab_t.reshape(-1, *(1,) * (x_t.dim() - 1)))
     dir_xt = _bcast((1 - ab_s - var).clamp_min(0).sqrt(), x_t) * eps
-    mean = _bcast(ab_s.sqrt(), x_t) * x0_hat + dir_xt
+    mean = _bcast(ab_s.sqrt(), x_t) * x0 + dir_xt
     return mean, sigma.float()
 
 

@@ -14,7 +14,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from scoreaction.config import build_config
-from scoreaction.distributed.driver import run_distributed
+from scoreaction.distributed.driver import ActorsStarted, run_distributed
+from scoreaction.reporter import EpochDone
 
 EPOCHS = 12
 
@@ -69,11 +70,11 @@ def test_rollout_workers_on_gpu_nodes_and_a_node_removed_mid_run(cluster, tmp_pa
     placement: dict = {}
     removed: list[str] = []
 
-    def on_event(kind: str, payload: dict) -> None:
-        if kind == "actors":  # where the rollout and reward actors came up
-            placement.update({k: [i["node_id"] for i in v] for k, v in payload.items()})
+    def on_event(event) -> None:
+        if isinstance(event, ActorsStarted):  # where the rollout and reward actors came up
+            placement.update({k: [i["node_id"] for i in v] for k, v in event.info.items()})
         # after epoch 2, take away the node of rollout worker 0
-        if kind == "epoch" and payload["epoch"] >= 2 and not removed:
+        if isinstance(event, EpochDone) and event.metrics["epoch"] >= 2 and not removed:
             victim = next(w for w in workers if w.node_id == placement["rollout"][0])
             c.remove_node(victim)
             removed.append(victim.node_id)

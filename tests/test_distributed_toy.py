@@ -12,10 +12,10 @@ import pytest
 import ray
 from test_toy_ctrl import FULL, REDUCED, assert_full_bounds, assert_reduced_bounds, evaluate_against_optimum
 
+from scoreaction.builders import build_policy
 from scoreaction.checkpoint import load_checkpoint
 from scoreaction.config import build_config
 from scoreaction.distributed.driver import run_distributed
-from scoreaction.trainer import build_policy
 
 
 @pytest.fixture(scope="module", autouse=True)

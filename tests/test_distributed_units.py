@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scoreaction.builders import build_policy, epoch_prompts
 from scoreaction.config import ConfigError, build_config
 from scoreaction.distributed.driver import _threads, one_host_threads
 from scoreaction.distributed.plan import (
@@ -24,7 +25,8 @@ from scoreaction.distributed.plan import (
     format_plan,
     validate_layout,
 )
-from scoreaction.distributed.resume import (
+from scoreaction.rollouts import batch_bounds, batch_seed, sample_batch
+from scoreaction.run_folder import (
     ResumeError,
     config_differences,
     flatten_state,
@@ -35,8 +37,7 @@ from scoreaction.distributed.resume import (
     unflatten_state,
     write_training_checkpoint,
 )
-from scoreaction.distributed.workers import chunk_bounds, chunk_seed
-from scoreaction.trainer import Trainer, epoch_prompts
+from scoreaction.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def test_plan_fails_when_no_single_node_holds_an_actor():
 
 
 def test_layout_checks_name_fields():
-    # the learner split is a config error now (scoreaction/config.py), raised before any plan is made
+    # the learner split is a config error (scoreaction/config/schema.py), raised before any plan is made
     with pytest.raises(
         ConfigError, match=r"run.num_samples=4095 must be divisible by resources.num_learner_workers=2"
     ):
@@ -143,11 +144,25 @@ def test_epoch_prompts_run_round_robin_across_epochs():
     assert epoch_prompts(cfg, 1, num_samples=1) == ["c"]
 
 
-def test_chunk_seeds_are_distinct_and_stable():
-    seeds = {chunk_seed(0, e, c) for e in range(-3, 50) for c in range(8)}
+def test_rollout_batch_seeds_are_distinct_and_pinned():
+    seeds = {batch_seed(0, e, c) for e in range(-3, 50) for c in range(8)}
     assert len(seeds) == 53 * 8
-    assert chunk_seed(5, 2, 1) == chunk_seed(5, 2, 1) and chunk_seed(5, 2, 1) != chunk_seed(6, 2, 1)
-    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    # pinned: a checkpoint resumed by a later version must re-sample the same batches
+    assert batch_seed(5, 2, 1) == 900440345463790919 and batch_seed(0, -1, 0) == 4225262544757542132
+    assert batch_seed(6, 2, 1) != batch_seed(5, 2, 1)
+    assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_a_rollout_batch_depends_only_on_seed_epoch_and_index():
+    """The same batch whoever samples it (another worker, a restarted one, the in-process backend)."""
+    cfg = _cfg("sampler.num_steps=3")
+    a, b = build_policy(cfg), build_policy(cfg)
+    first = sample_batch(a, cfg, 2, 1, ["x"] * 4)
+    sample_batch(b, cfg, 0, 0, ["x"] * 4)  # b's generators have moved on: no effect on the next batch
+    again = sample_batch(b, cfg, 2, 1, ["x"] * 4)
+    other = sample_batch(a, cfg, 2, 0, ["x"] * 4)
+    assert torch.equal(first.latents, again.latents)
+    assert not torch.equal(first.latents, other.latents)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,10 +212,10 @@ def test_config_differences_allow_epochs_and_resources_only():
 SAVER = textwrap.dedent(
     """
     import sys, torch
+    from scoreaction.builders import build_policy, build_value_function
     from scoreaction.config import build_config
-    from scoreaction.trainer import build_policy, build_value_function
     from scoreaction.learner import Learner
-    from scoreaction.distributed.resume import latest_step, publish_latest, write_training_checkpoint
+    from scoreaction.run_folder import latest_step, publish_latest, write_training_checkpoint
     cfg = build_config("toy-gmm", overrides=["model.toy.hidden=256"])
     policy = build_policy(cfg)
     learner = Learner(policy, build_value_function(cfg, policy), cfg)
@@ -221,7 +236,6 @@ SAVER = textwrap.dedent(
 
 def test_kill_9_during_saves_never_leaves_a_broken_latest(tmp_path):
     from scoreaction.checkpoint import load_checkpoint
-    from scoreaction.trainer import build_policy
 
     ckpt = tmp_path / "checkpoints"
     cfg = _cfg("model.toy.hidden=256")
@@ -259,8 +273,8 @@ def test_kill_9_during_saves_never_leaves_a_broken_latest(tmp_path):
 
 def test_publish_latest_moves_only_to_complete_folders(tmp_path):
     cfg = _cfg()
+    from scoreaction.builders import build_value_function
     from scoreaction.learner import Learner
-    from scoreaction.trainer import build_policy, build_value_function
 
     policy = build_policy(cfg)
     learner = Learner(policy, build_value_function(cfg, policy), cfg)
@@ -285,7 +299,7 @@ def test_publish_latest_moves_only_to_complete_folders(tmp_path):
 def _allreduce_rank(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from scoreaction.distributed.ddp import GradientAllReduce, mean_over_ranks
+    from scoreaction.ddp import GradientAllReduce, mean_over_ranks
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)

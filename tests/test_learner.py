@@ -51,10 +51,11 @@ def test_one_update_moves_every_trainable_parameter_and_no_frozen_one(tiny_dir, 
     # LoRA's B starts at zero, which makes A's first gradient exactly zero: start from a random adapter.
     randomize_lora(trainer.policy, scale=0.05)
     unet_before, value_before = _snapshot(trainer.policy.unet), _snapshot(trainer.value_fn)
-    batch = trainer.rollout(0)
+    scored = trainer.rollouts.scored(0)
+    batch = scored.batch
     # only ctrl's value function uses R(x0_hat_k); ddpo's rollouts score the final images alone
     assert (batch.r_x0 is None) == (cfg.algorithm.name == "ddpo")
-    assert trainer.reward_queries == 4 * (1 if batch.r_x0 is None else 1 + cfg.sampler.num_steps)
+    assert scored.queries == 4 * (1 if batch.r_x0 is None else 1 + cfg.sampler.num_steps)
     if cfg.algorithm.name == "ctrl":
         trainer.learner.update_value(batch)
     trainer.learner.update_policy(batch)
@@ -144,7 +145,7 @@ class TweedieValue(nn.Module):
         self.policy, self.a = policy, a
         self.dummy = nn.Parameter(torch.zeros(1))  # the learner builds an optimiser over it
 
-    def forward(self, t, x, prompt_embeds, r_x0=None):
+    def forward(self, t, x, prompt_embeds, r_x0=None, prompts=None):
         t0 = t.reshape(-1)[0].double()
         ab = float(alpha_bar(self.policy.schedule, t0))
         s_pre = self.policy.mixture.score(self.policy.schedule, t0, x)
@@ -216,5 +217,5 @@ def test_rollout_and_micro_batches_that_do_not_divide_the_epoch_run(tmp_path, al
     trainer = Trainer(cfg, tmp_path)
     before = _snapshot(trainer.policy)
     metrics = trainer.epoch(0)
-    assert trainer.samples_seen == 10 and metrics["learner/skipped_steps"] == 0
+    assert metrics["samples"] == 10 and metrics["learner/skipped_steps"] == 0
     assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.policy.named_parameters())

@@ -52,13 +52,14 @@ def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 
 def _poison_reward(trainer: Trainer, epoch: int, rows: list[int], value: float = float("nan")) -> None:
-    """Make the trainer's reward return `value` for these rows of every scoring call of `epoch`'s rollout."""
+    """Make the reward that scores the rollouts return `value` for these rows of `epoch`'s rollout batch."""
     state = {"epoch": None}
-    rollout, reward = trainer.rollout, trainer._reward
+    rollouts = trainer.rollouts
+    scored, reward = rollouts.scored, rollouts.scorer.reward_fn
 
-    def tracked_rollout(e, *args, **kwargs):
+    def tracked(e, *args, **kwargs):
         state["epoch"] = e
-        return rollout(e, *args, **kwargs)
+        return scored(e, *args, **kwargs)
 
     def poisoned(images, prompts):
         r = reward(images, prompts).clone()
@@ -66,7 +67,7 @@ def _poison_reward(trainer: Trainer, epoch: int, rows: list[int], value: float =
             r[rows] = value
         return r
 
-    trainer.rollout, trainer._reward = tracked_rollout, poisoned
+    rollouts.scored, rollouts.scorer.reward_fn = tracked, poisoned
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,12 +275,11 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -> None:
-    """One learner rank, set up as scoreaction.distributed.learner_loop.LearnerLoop does it, then:
+    """One learner rank, set up as scoreaction.distributed.learner_group.train_loop does it, then:
     (1) a batch whose only NaN rewards are in rank 1's shard; (2) a NaN loss on rank 1 only."""
     import torch.distributed as dist
 
-    from scoreaction.distributed.controller import shard, shard_rows
-    from scoreaction.distributed.ddp import GradientAllReduce, mean_over_ranks
+    from scoreaction.ddp import GradientAllReduce, mean_over_ranks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -289,10 +289,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -
     try:
         cfg = Config.model_validate(cfg_dict)
         trainer = Trainer(cfg, out_dir)  # the same seeds on both ranks: the same policy and batch
-        shard_cfg = cfg.model_copy(deep=True)
-        shard_cfg.algorithm.micro_batch_size = cfg.algorithm.micro_batch_size // world
-        learner = Learner(trainer.policy, trainer.value_fn, shard_cfg)
-        learner.reward_fn = trainer.reward_fn
+        learner = Learner(trainer.policy, trainer.value_fn, cfg, trainer.reward_fn, rank=rank, world=world)
         syncs = [
             GradientAllReduce(trainer.policy.trainable_parameters()),
             GradientAllReduce(list(trainer.value_fn.parameters())),
@@ -303,7 +300,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -
         poisoned = learner_module.Batch(batch.traj, batch.rewards.clone(), batch.r_x0)
         poisoned.rewards[[n - 1, n - 2]] = float("nan")
         try:
-            learner.update_value(shard(poisoned, rank, world), epoch=2)
+            learner.update_value(poisoned, epoch=2)
             result["reward"] = "no error"
         except NonFiniteError as exc:
             result["reward"] = (exc.kind, exc.epoch, exc.count, exc.total, str(exc))
@@ -319,11 +316,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -
             return (loss * float("nan") if rank == 1 and first_micro_batch else loss), clipfrac, approx_kl
 
         learner_module.clipped_surrogate = nan_on_rank1
-        adv, std = learner.advantages(batch, epoch=2)
-        local = shard(batch, rank, world)
-        metrics = mean_over_ranks(
-            learner.update_policy(local, (adv[shard_rows(n, rank, world)], std), epoch=2)
-        )
+        metrics = mean_over_ranks(learner.update_policy(batch, epoch=2))
         result["skipped"] = metrics["learner/skipped_steps"]
         result["adam_steps"] = sorted({s["step"].item() for s in learner.optimizer.state.values()})
         result["moved"] = any(not torch.equal(p, before[k]) for k, p in _params(trainer.policy).items())

@@ -140,12 +140,11 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -> None:
-    """One learner rank set up as scoreaction.distributed.learner_loop does it (micro-batch / world per
+    """One learner rank set up as scoreaction.distributed.learner_group does it (micro-batch / world per
     rank, gradients averaged over ranks after every backward pass); records the gradients of its steps."""
     import torch.distributed as dist
 
-    from scoreaction.distributed.controller import shard, shard_rows
-    from scoreaction.distributed.ddp import GradientAllReduce
+    from scoreaction.ddp import GradientAllReduce
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -154,18 +153,11 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -
     try:
         cfg = Config.model_validate(cfg_dict)
         trainer = Trainer(cfg, out_dir)
-        shard_cfg = cfg.model_copy(deep=True)
-        shard_cfg.algorithm.micro_batch_size = cfg.algorithm.micro_batch_size // world
-        learner = Learner(trainer.policy, trainer.value_fn, shard_cfg)
-        learner.reward_fn = trainer.reward_fn
+        learner = Learner(trainer.policy, trainer.value_fn, cfg, trainer.reward_fn, rank=rank, world=world)
         sync = GradientAllReduce(trainer.policy.trainable_parameters())
         batch = trainer.rollout(0)
-        adv, std = learner.advantages(batch, epoch=0)
         grads = _step_gradients(learner)
-        n = batch.traj.batch_size
-        metrics = learner.update_policy(
-            shard(batch, rank, world), (adv[shard_rows(n, rank, world)], std), epoch=0
-        )
+        metrics = learner.update_policy(batch, epoch=0)
         result = {"grads": grads, "steps": metrics["learner/optimizer_steps"]}
         sync.remove()
     finally:

@@ -18,9 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from scoreaction.builders import build_policy, build_value_function
 from scoreaction.checkpoint import latest_checkpoint, latest_in
 from scoreaction.config import build_config
-from scoreaction.distributed.workers import RewardWorker, normalize_running
+from scoreaction.distributed.actors import RewardWorker
 from scoreaction.learner import Learner
 from scoreaction.rewards import WeightedSum
 from scoreaction.rewards.base import Reward, RewardOutput
@@ -37,7 +38,8 @@ from scoreaction.run_folder import (
     reward_stats_state,
     write_training_checkpoint,
 )
-from scoreaction.trainer import Trainer, build_policy, build_value_function
+from scoreaction.scoring import normalize_running
+from scoreaction.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -292,10 +294,10 @@ def test_a_restarted_reward_worker_scores_as_before_raw_parts_are_stateless():
     trainer = Trainer(cfg, "unused")
     traj = trainer.rollout(0).traj
     worker = RewardWorker(cfg.model_dump(), 0, reward_factory=lambda c: _weighted_sum())
-    first, _ = worker.score(0, 0, traj)
+    first = worker.score(0, 0, traj).rewards
     assert set(first) == {"a", "b"}  # raw parts: the learner normalises them
     again = RewardWorker(cfg.model_dump(), 0, reward_factory=lambda c: _weighted_sum())  # "restarted"
-    second, _ = again.score(0, 0, traj)
+    second = again.score(0, 0, traj).rewards
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 

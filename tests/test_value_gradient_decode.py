@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import randomize_lora
 
+from scoreaction import value_gradient
 from scoreaction.config import build_config
 from scoreaction.sde import alpha_bar
 from scoreaction.trainer import Trainer
@@ -64,7 +65,7 @@ def _value(trainer: Trainer, sub, k: int, x: torch.Tensor) -> torch.Tensor:
 def test_grad_x_value_through_decode_matches_a_finite_difference(trainer):
     batch = trainer.rollout(0)
     sub, k = batch.traj, batch.traj.num_steps - 1  # the last state: t small, cos(pi t/2) near 1
-    grad = trainer.learner._grad_x_value(sub, k)
+    grad = value_gradient._grad_x_value(trainer.learner, sub, k)
     x = sub.latents[:, k].float()
     # mostly a shift of every latent (which moves the mean brightness), plus noise
     u = 1.0 + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
@@ -91,9 +92,9 @@ def test_the_surrogates_gradient_carries_the_reward_term(trainer):
 def test_a_non_differentiable_reward_is_said_once(trainer, caplog):
     """JPEG size has no gradient: the estimator keeps F_phi's term and says so (once)."""
     batch = trainer.rollout(0)
-    trainer.learner.reward_fn = trainer._reward  # the preset's jpeg_compressibility
-    with caplog.at_level(logging.WARNING, logger="scoreaction.learner"):
+    trainer.learner.reward_fn = trainer.reward_fn  # the preset's jpeg_compressibility
+    with caplog.at_level(logging.WARNING, logger="scoreaction.value_gradient"):
         for k in range(2):
-            trainer.learner._grad_x_value(batch.traj, k)
+            value_gradient._grad_x_value(trainer.learner, batch.traj, k)
     warnings = [r for r in caplog.records if "not differentiable" in r.getMessage()]
     assert len(warnings) == 1 and "jpeg_compressibility" in warnings[0].getMessage()

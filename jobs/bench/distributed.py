@@ -63,6 +63,7 @@ def _single_process_around(cfg: Config, repeats: int, between) -> tuple[float, o
 
 def _distributed_epochs(cfg: Config, threads, reward_factory=None) -> list[dict]:
     from scoreaction.distributed.driver import run_distributed
+    from scoreaction.reporter import EpochDone
 
     events: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
@@ -74,7 +75,7 @@ def _distributed_epochs(cfg: Config, threads, reward_factory=None) -> list[dict]
             threads=threads,
             reward_factory=reward_factory,
             progress_bar=False,
-            on_event=lambda kind, p: events.append(p) if kind == "epoch" else None,
+            on_event=lambda e: events.append(e.metrics) if isinstance(e, EpochDone) else None,
         )
     epochs = sorted(events, key=lambda m: m["epoch"])
     return epochs[1:]  # drop the warm-up epoch
@@ -166,8 +167,8 @@ def overlap(repeats: int) -> list[Result]:
         "value.use_reward_prior=false",
     )
     # one rollout batch, one thread: what the rollout worker spends per batch
+    from scoreaction.builders import build_policy
     from scoreaction.sampling import sample_trajectories
-    from scoreaction.trainer import build_policy
 
     torch.set_num_threads(1)
     policy = build_policy(cfg)
@@ -191,7 +192,7 @@ def weight_sync(repeats: int) -> list[Result]:
     import ray
     from diffusers import UNet2DConditionModel
 
-    from scoreaction.distributed.workers import from_numpy, to_numpy
+    from scoreaction.distributed.actors import from_numpy, to_numpy
     from scoreaction.models.presets import SD15_UNET_CONFIG
 
     @ray.remote(num_cpus=0)

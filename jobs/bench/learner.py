@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from bench.common import Result, interleaved_median, result
+from scoreaction.builders import build_policy, build_value_function
 from scoreaction.config import build_config
 from scoreaction.learner import Batch, Learner
 from scoreaction.sampling import sample_trajectories
-from scoreaction.trainer import build_policy, build_value_function
 
 CASES = [
     # (label, overrides): tiny at its own size, and the tiny architecture at 512 px (64x64 latents)

@@ -26,10 +26,10 @@ PHASES = ("load", "rollout", "learner_no_ckpt", "learner_ckpt", "flops")
 def _child(phase: str) -> dict:
     import torch
 
+    from scoreaction.builders import build_policy, build_value_function
     from scoreaction.config import build_config
     from scoreaction.learner import Batch, Learner
     from scoreaction.sampling import sample_trajectories
-    from scoreaction.trainer import build_policy, build_value_function
 
     torch.set_num_threads(os.cpu_count() or 1)
     overrides = [

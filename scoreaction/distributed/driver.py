@@ -1,8 +1,9 @@
-"""The driver of a distributed run: checks the plan against the cluster, starts the actors and the Ray
-Train learner, and writes what the learner reports (progress, TensorBoard, grids, summary, reward curve).
+"""The driver of a Ray run: checks the plan against the cluster, starts the actors and the Ray Train
+learner, and hands the learner's events to the run's reporter (``scoreaction.reporter.RunReporter``: the
+same progress bar, TensorBoard scalars, grids, summary and reward curve as the in-process backend).
 
 Expects Ray to be initialised already (``jobs/finetune.py`` does that). The epoch loop itself runs in the
-learner (``learner_loop``); the driver only starts things, watches, and cleans up.
+learner ranks (``learner_group``); the driver only starts things, watches, and cleans up.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scoreaction.config import Config
-from scoreaction.distributed.faults import FaultPlan, maybe_fail
+from scoreaction.distributed.actors import EventSink, RewardWorker, RolloutWorker
 from scoreaction.distributed.plan import (
     PlanError,
     build_plan,
@@ -29,9 +30,9 @@ from scoreaction.distributed.plan import (
     nodes_from_ray,
     validate_layout,
 )
-from scoreaction.distributed.reporter import RunReporter
-from scoreaction.distributed.workers import MetricsSink, RewardWorker, RolloutWorker
-from scoreaction.learner import NonFiniteError
+from scoreaction.faults import FaultPlan, maybe_fail
+from scoreaction.nonfinite import NonFiniteError
+from scoreaction.reporter import EpochDone, Event, RunReporter, RunStopped
 from scoreaction.run_folder import (
     NonFiniteCheckpointError,
     check_not_locked,
@@ -43,7 +44,7 @@ from scoreaction.run_folder import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_run_dir", "checkpoint_dir_for", "one_host_threads", "run_distributed"]
+__all__ = ["check_run_dir", "checkpoint_dir_for", "one_host_threads", "preflight", "run_distributed"]
 
 
 def check_run_dir(cfg: Config, checkpoint_dir: Path, resume: bool) -> Path | None:
@@ -52,6 +53,16 @@ def check_run_dir(cfg: Config, checkpoint_dir: Path, resume: bool) -> Path | Non
     job may own it. Reads only: nothing is created or changed."""
     check_not_locked(checkpoint_dir.parent)
     return check_resume(cfg, checkpoint_dir, resume)
+
+
+def preflight(cfg: Config, out: Path, resume: bool, local_nodes: list | None = None) -> None:
+    """Every check that needs no cluster, before anything is started or written: the learner layout, the
+    run folder (check_run_dir) and, on a local Ray, whether the plan fits this machine (resources.require_fit).
+    ``run_distributed`` checks the plan against the cluster it finds, once Ray is up."""
+    validate_layout(cfg)
+    check_run_dir(cfg, checkpoint_dir_for(cfg, out), resume)
+    if local_nodes is not None and cfg.resources.require_fit:
+        check_fit(build_plan(cfg), local_nodes)
 
 
 def absolutize(cfg: Config) -> Config:
@@ -93,7 +104,9 @@ def one_host_threads(cfg: Config, cores: int) -> dict[str, int]:
 
 
 @dataclass
-class Actors:
+class ActorSet:
+    """The run's actors: the event sink, the rollout workers and the reward workers (and where they run)."""
+
     sink: Any
     rollout: list = field(default_factory=list)
     reward: list = field(default_factory=list)
@@ -112,7 +125,7 @@ def start_actors(
     threads: Threads = None,
     faults: FaultPlan | None = None,
     reward_factory: Callable | None = None,
-) -> Actors:
+) -> ActorSet:
     """Create the sink, rollout and reward actors and wait until they are up (or fail clearly)."""
     r = cfg.resources
     cfg_dict = cfg.model_dump()
@@ -125,7 +138,7 @@ def start_actors(
     # The sink lives on the driver's node (the head under `ray job submit`): the driver reads it, and a worker
     # node lost mid-run must not take the run's metrics with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actors = Actors(sink=ray.remote(MetricsSink).options(num_cpus=0, scheduling_strategy=here).remote())
+    actors = ActorSet(sink=ray.remote(EventSink).options(num_cpus=0, scheduling_strategy=here).remote())
     rollout_cls = ray.remote(RolloutWorker).options(
         num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, resources=r.rollout_resources or None, **common
     )
@@ -160,7 +173,7 @@ def start_actors(
 
 def make_trainer(
     cfg: Config,
-    actors: Actors,
+    actors: ActorSet,
     checkpoint_dir: Path,
     threads: Threads,
     faults: FaultPlan | None,
@@ -169,7 +182,7 @@ def make_trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from scoreaction.distributed.learner_loop import train_loop
+    from scoreaction.distributed.learner_group import train_loop
 
     r = cfg.resources
     per_worker = {"CPU": r.learner_cpus, **r.learner_resources}
@@ -201,28 +214,40 @@ def make_trainer(
     )
 
 
-class _Pump(threading.Thread):
-    """Drains the sink into the reporter while fit() runs."""
+@dataclass
+class ActorsStarted:
+    """The rollout and reward actors are up; info: {"rollout": [...], "reward": [...]} of their ready()
+    (pid, node_id, ...). Given to on_event only (the reporter does not need it)."""
+
+    info: dict[str, list[dict]]
+
+
+class EventPump(threading.Thread):
+    """Hands the learner's events to the reporter (and to on_event) every half second while fit() runs."""
 
     def __init__(
-        self, sink, reporter: RunReporter, on_event: Callable | None, faults: FaultPlan | None = None
+        self,
+        sink,
+        reporter: RunReporter,
+        on_event: Callable[[Event], None] | None,
+        faults: FaultPlan | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self.sink, self.reporter, self.on_event, self.faults = sink, reporter, on_event, faults
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.fatal: dict | None = None
+        self.stopped: RunStopped | None = None
 
     def drain(self) -> None:
-        for kind, payload in ray.get(self.sink.drain.remote()):
-            if kind == "fatal":  # the learner stopped the run on purpose (non-finite numbers)
-                self.fatal = payload
+        for event in ray.get(self.sink.drain.remote()):
+            if isinstance(event, RunStopped):  # the learner stopped the run on purpose (non-finite numbers)
+                self.stopped = event
                 continue
-            self.reporter.handle(kind, payload)
+            self.reporter.handle(event)
             if self.on_event is not None:
-                self.on_event(kind, payload)
-            if kind == "epoch":  # kill -9 of the driver mid-run (fault tests)
-                maybe_fail(self.faults, "driver", int(payload["epoch"]), 0)
+                self.on_event(event)
+            if isinstance(event, EpochDone):  # kill -9 of the driver mid-run (fault drills)
+                maybe_fail(self.faults, "driver", int(event.metrics["epoch"]), 0)
 
     def run(self) -> None:
         try:
@@ -240,7 +265,7 @@ def run_distributed(
     threads: Threads = None,
     faults: FaultPlan | None = None,
     reward_factory: Callable | None = None,
-    on_event: Callable[[str, dict], None] | None = None,
+    on_event: Callable[[Event | ActorsStarted], None] | None = None,
     progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Run the whole fine-tuning on the connected Ray cluster; returns the summary (also in summary.json).
@@ -248,7 +273,7 @@ def run_distributed(
     threads: torch threads per actor, one number or per kind (``one_host_threads``); None, or a kind left
     out: resources.torch_threads, else the CPUs the actor reserves.
     faults: kill processes on purpose (tests, drills). reward_factory: cfg -> reward fn, instead of
-    build_reward (benchmarks). on_event(kind, payload): called for every learner event (tests).
+    build_reward (benchmarks). on_event(event): called with every learner event after the reporter (tests).
     """
     t_start = time.perf_counter()
     cfg = absolutize(cfg)
@@ -278,9 +303,9 @@ def _run_owned(cfg, out, folder, t_start, threads, faults, reward_factory, on_ev
     out.mkdir(parents=True, exist_ok=True)
     actors = start_actors(cfg, threads, faults, reward_factory)
     if on_event is not None:
-        on_event("actors", actors.info)
+        on_event(ActorsStarted(actors.info))
     reporter = RunReporter(cfg, out, progress_bar=progress_bar)
-    pump = _Pump(actors.sink, reporter, on_event, faults)
+    pump = EventPump(actors.sink, reporter, on_event, faults)
     pump.start()
     try:
         result = make_trainer(cfg, actors, checkpoint_dir, threads, faults, folder.run_id).fit()
@@ -294,19 +319,22 @@ def _run_owned(cfg, out, folder, t_start, threads, faults, reward_factory, on_ev
             actors.kill()
     if pump.error is not None:
         raise pump.error
-    if pump.fatal is not None:
-        f = pump.fatal
-        if f["kind"] == "checkpoint":
-            raise NonFiniteCheckpointError(f["message"])
-        raise NonFiniteError(
-            f["message"], kind=f["kind"], epoch=f["at_epoch"], count=f["count"] or 0, total=f["total"] or 0
-        )
+    if pump.stopped is not None:
+        f = pump.stopped
+        if f.kind == "checkpoint":
+            raise NonFiniteCheckpointError(f.message)
+        raise NonFiniteError(f.message, kind=f.kind, epoch=f.epoch, count=f.count, total=f.total)
     final_ckpt = latest_step_dir(checkpoint_dir)
-    extra = {
-        "checkpoint": str(final_ckpt) if final_ckpt else None,
+    backend = {
+        "backend": "ray",
         "checkpoint_dir": str(checkpoint_dir),
-        "ray_train_checkpoint": getattr(result.checkpoint, "path", None),
-        "placement": {k: [i["node_id"] for i in v] for k, v in actors.info.items()},
-        "resources": cfg.resources.model_dump(),
+        "distributed": {
+            "learner_starts_at_epoch": reporter.learner_starts,
+            "redone_epochs": reporter.redone_epochs,
+            "checkpoint": str(final_ckpt) if final_ckpt else None,
+            "ray_train_checkpoint": getattr(result.checkpoint, "path", None),
+            "placement": {k: [i["node_id"] for i in v] for k, v in actors.info.items()},
+            "resources": cfg.resources.model_dump(),
+        },
     }
-    return reporter.write_summary(time.perf_counter() - t_start, extra)
+    return reporter.write_summary(time.perf_counter() - t_start, backend)

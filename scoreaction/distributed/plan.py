@@ -94,7 +94,7 @@ def build_plan(cfg: Config) -> ResourcePlan:
                 "one placement group, PACK",
                 f"FailureConfig(max_failures={learner_failures}): restart from the last checkpoint",
             ),
-            ActorGroup("MetricsSink + TrainController", "", 1, 0.0, 0.0, {}, "driver's node / anywhere", "-"),
+            ActorGroup("EventSink + TrainController", "", 1, 0.0, 0.0, {}, "driver's node / anywhere", "-"),
         ]
     )
 

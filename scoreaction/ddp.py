@@ -1,6 +1,8 @@
-"""Data parallelism for the learner without wrapping the model: gradient all-reduce hooks.
+"""Data parallelism for the learner without wrapping the model: gradient all-reduce hooks, and the few
+collectives the epoch loop needs (mean, sum, gather, broadcast). Plain torch.distributed: every function is
+the identity in one process (no process group), so the same loop runs on one rank or many.
 
-The single-process ``Learner`` is reused as is: it calls ``loss.backward()`` once per trained step of a
+The ``Learner`` is the same on every rank: it calls ``loss.backward()`` once per trained step of a
 micro-batch and then clips and steps. DistributedDataParallel would need the UNet called through its
 wrapper; instead, at the end of every backward pass that touched a parameter group, one flat (coalesced)
 all-reduce averages that group's accumulated gradients over the ranks, which is what DDP does without
@@ -71,6 +73,18 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.cpu().tolist(), strict=True))
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """The sums of these numbers over the data-parallel learner ranks (unchanged in one process), so that
+    every rank takes the same decision (skip a step, stop the run) and no rank waits in a collective that
+    another one left."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
 
 
 def gather_objects(obj) -> list:
