@@ -21,7 +21,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	HF_HUB_OFFLINE=1 $(PY) jobs/finetune.py --preset tiny --output-dir $(DEMO_DIR)
 
-# The image service: the tiny base model + every run under outputs/ (Ctrl-C stops it).
+# The image service: the tiny base model + every run under outputs/ (make demo's is model `demo`); Ctrl-C stops it.
 serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/serve run serve/config.yaml
 
