@@ -23,7 +23,7 @@ def reward_to_go(reward: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
 def td_advantages(values: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
     """A_k = V(t_{k+1}, x_{k+1}) - V(t_k, x_k) - kl_coef * KL_k: (B, N). values[:, N] must be the reward.
 
-    They telescope: sum_k A_k = r - V(t_0, x_0) - kl_coef * sum_k KL_k.
+    They telescope: sum_k A_k = r - V(t_0, x_{t_0}) - kl_coef * sum_k KL_k (x_{t_0}: the starting noise).
     """
     return values[:, 1:] - values[:, :-1] - kl_coef * kl
 

@@ -1,7 +1,9 @@
 """Rollouts: prompts -> trajectories with every latent and the exact log-probability of every step.
 
-A trajectory of N steps visits x_0 (pure noise, t_0 ~ 1) ... x_N (the sample, t_N ~ 0); step k is the
-Gaussian transition x_k -> x_{k+1} under the policy, with log p_theta(x_{k+1} | x_k) stored in float32.
+States are named by their time, as x_t is: a trajectory of N steps visits x_{t_0} (the starting noise,
+t_0 ~ 1) ... x_{t_N} (the sample, t_N ~ 0); x_0 is always data (what x0_hat estimates), never the starting
+noise. Step k is the Gaussian transition x_{t_k} -> x_{t_{k+1}} under the policy, with
+log p_theta(x_{t_{k+1}} | x_{t_k}) stored in float32.
 Re-evaluating a stored transition with the same parameters runs the very same computation, so the
 on-policy importance ratio is exactly 1 for the same batch (see tests/test_sampling.py).
 """
@@ -34,12 +36,12 @@ Policy = DiffusionPolicy | ToyPolicy
 class Trajectory:
     """A batch of B trajectories of N steps (CPU or device tensors).
 
-    latents: (B, N + 1, C, h, w) float32    x_0 ... x_N
+    latents: (B, N + 1, C, h, w) float32    x_{t_0} (the starting noise) ... x_{t_N} (the sample)
     timesteps: (N + 1,) float64             t_0 > ... > t_N
-    log_probs: (B, N) float32               log p_old(x_{k+1} | x_k)
+    log_probs: (B, N) float32               log p_old(x_{t_{k+1}} | x_{t_k})
     prompt_embeds: (B, L, D)                text-encoder states of the prompts
     negative_prompt_embeds: (B, L, D) | None  unconditional branch (None without guidance)
-    images: (B, 3, H, W) float32 in [0, 1] | None   decoded x_N
+    images: (B, 3, H, W) float32 in [0, 1] | None   decoded x_{t_N}
     """
 
     latents: Tensor
@@ -142,14 +144,14 @@ def sample_trajectories(
     sampler: SamplerConfig,
     generator: torch.Generator | None = None,
     decode: bool = True,
-    latents: Tensor | None = None,
+    noise: Tensor | None = None,
     record_reference: bool = False,
 ) -> Trajectory:
     """Sample len(prompts) trajectories in one batch.
 
-    Noise comes from generator in the order diffusers' StableDiffusionPipeline draws it (initial latents,
+    Noise comes from generator in the order diffusers' StableDiffusionPipeline draws it (the starting noise,
     then one draw per step), so with the same seed and eta=1 DDIM both give the same images.
-    latents: optional initial noise x_0 (B, C, h, w).
+    noise: optional starting noise x_{t_0} (B, C, h, w); drawn from generator when None.
     record_reference: also evaluate the reference policy at every state and store in ``extras``:
         eps (B, N, ...) the guided policy epsilon, mean_ref (B, N, ...) the reference transition mean,
         kl (B, N) the exact per-step KL_k = ||mean_theta - mean_ref||^2 / (2 sigma_k^2).
@@ -164,10 +166,10 @@ def sample_trajectories(
     t_grid = policy.time_grid(sampler.num_steps)
     prompt_embeds = policy.encode_prompts(prompts)
     negative = policy.encode_prompts([sampler.negative_prompt] * b) if _guided(sampler) else None
-    if latents is None:
+    if noise is None:
         shape = policy.latent_shape(sampler.height, sampler.width)
-        latents = torch.randn((b, *shape), generator=generator, device=dev, dtype=torch.float32)
-    x = latents.to(dev, torch.float32)
+        noise = torch.randn((b, *shape), generator=generator, device=dev, dtype=torch.float32)
+    x = noise.to(dev, torch.float32)
     all_latents = torch.empty((b, sampler.num_steps + 1, *x.shape[1:]), device=dev, dtype=torch.float32)
     all_latents[:, 0] = x
     log_probs = torch.empty((b, sampler.num_steps), device=dev, dtype=torch.float32)
@@ -236,9 +238,10 @@ def sample_trajectories(
 
 
 def transition(policy: Policy, traj: Trajectory, k: int) -> StepOutput:
-    """Re-evaluate step k (x_k -> x_{k+1}) of stored trajectories under the policy's current parameters.
+    """Re-evaluate step k (x_{t_k} -> x_{t_{k+1}}) of stored trajectories under the current parameters.
 
-    Differentiable in the policy's trainable parameters. Returns mean, std and log p_theta(x_{k+1} | x_k).
+    Differentiable in the policy's trainable parameters. Returns mean, std and
+    log p_theta(x_{t_{k+1}} | x_{t_k}).
     """
     if not 0 <= k < traj.num_steps:
         raise IndexError(f"step index k={k} is outside [0, {traj.num_steps})")
@@ -259,6 +262,6 @@ def transition(policy: Policy, traj: Trajectory, k: int) -> StepOutput:
 
 @torch.no_grad()
 def evaluate_log_probs(policy: Policy, traj: Trajectory, steps: list[int] | None = None) -> Tensor:
-    """log p_theta(x_{k+1} | x_k) for the given step indices (default all): (B, len(steps)) float32."""
+    """log p_theta(x_{t_{k+1}} | x_{t_k}) at the given step indices (default all): (B, len(steps)) float32."""
     steps = list(range(traj.num_steps)) if steps is None else steps
     return torch.stack([transition(policy, traj, k).log_prob for k in steps], dim=1)

@@ -37,7 +37,7 @@ def test_advantages_telescope():
     values[:, -1] = reward
     kl = torch.rand(5, 6, generator=g)
     adv = td_advantages(values, kl, kl_coef=0.3)
-    # sum_k A_k = r - V(t_0, x_0) - kl_coef * sum_k KL_k
+    # sum_k A_k = r - V(t_0, x_{t_0}) - kl_coef * sum_k KL_k
     torch.testing.assert_close(adv.sum(1), reward - values[:, 0] - 0.3 * kl.sum(1))
 
 
