@@ -25,7 +25,8 @@ What is trained (``pretrain_digits``), in this order:
   noise schedule, the prompt dropped to "" 10% of the time (classifier-free guidance). Deliberately SHORT
   (``unet_steps``), so that the base follows its prompt often but not always (``QUALITY_BAND``) and
   fine-tuning has something to show: the prompted digit's share grows with the steps (measured at the
-  preset's sampler, held-out classifier: 40% after 150 steps, 77% after 300, 88% after 450).
+  preset's sampler, held-out classifier, 200 samples: 62% after the default 175 steps (per digit 20% for
+  5 to 95% for 6; Frechet distance 67, real digits 7, noise 690), 80% after 250 (FID 39), 88% after 450).
 
 The result is a standard diffusers folder (safetensors) that ``StableDiffusionPipeline.from_pretrained``
 loads, with the loss curves (``loss.png``) and the losses (``pretrain.json``) beside it. The preset's
@@ -159,7 +160,7 @@ class PretrainSettings:
 
     seed: int = 0
     vae_steps: int = 200
-    unet_steps: int = 250
+    unet_steps: int = 175
     batch_size: int = 32
     vae_lr: float = 2e-3
     unet_lr: float = 1e-3
