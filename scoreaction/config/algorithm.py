@@ -85,12 +85,47 @@ class AlgorithmConfig(ConfigSection):
 
 
 class ValueConfig(ConfigSection):
+    kind: Literal["conv", "imagereward"] = Field(
+        "conv",
+        description="F_phi: conv (a small conv head on the latent, time features and the pooled prompt "
+        "embedding) or imagereward (a copy of the ImageReward model on the decoded state, the lower "
+        "frozen_fraction of its layers frozen, as the paper's authors; image presets only).",
+    )
     use_reward_prior: bool = Field(
         True,
         description="V = cos(pi t/2) R(x0_hat) + sin(pi t/2) F_phi; False: V = F_phi alone (reward too costly).",
     )
-    hidden: int = Field(64, ge=1, description="Width of F_phi.")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate of F_phi.")
+    hidden: int = Field(64, ge=1, description="Width of F_phi (kind conv).")
+    learning_rate: float = Field(1e-3, gt=0, description="Learning rate of F_phi's optimiser.")
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description="Decoupled (AdamW) weight decay of F_phi; 0: plain Adam. The authors' value network: 0.01.",
+    )
+    max_grad_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Gradient-norm clipping of each F_phi step (over its trainable parameters); None: none. "
+        "The authors' value network: 1.0.",
+    )
+    frozen_fraction: float = Field(
+        0.7,
+        ge=0,
+        le=1,
+        description="kind imagereward: fraction of the BLIP vision and text layers frozen, from the input side, "
+        "with the embeddings (ImageReward's fix_rate; the authors' value network: 0.7).",
+    )
+    weights: str | None = Field(
+        None,
+        description="kind imagereward: the ImageReward weights F_phi starts from (as reward.imagereward.weights; "
+        "its BERT tokenizer is reward.imagereward.tokenizer). None: reward.imagereward.weights.",
+    )
+    chunk_size: int = Field(
+        64,
+        ge=1,
+        description="kind imagereward: states per forward pass of the network (decode + BLIP); with gradients, "
+        "each chunk's activations are recomputed in the backward pass, so memory is bounded by the chunk.",
+    )
     updates_per_epoch: int = Field(
         4, ge=0, description="Regression passes of F_phi per epoch (before the policy update)."
     )

@@ -146,10 +146,28 @@ def _sd15_ctrl_paper() -> dict[str, Any]:
             "trajectories_per_step": 256,
         }
     )
-    # V: design cos/sin blend of the value of the denoised (x0_hat) and the noisy image; v_step = 1.
-    # The authors' value network is a copy of ImageReward (pre-trained offline, lr 1e-7); ours is the small
-    # conv head F_phi at its own learning rate, not pre-trained.
-    cfg["value"] = {"use_reward_prior": True, "updates_per_epoch": 1}
+    # The authors' value network (scoreaction/value_networks.py): V design {"first": "denoised", "second":
+    # "original", "skip_func_in": "cos", "skip_func_out": "sin"}: cos(pi t/2) ImageReward(decode(x0_hat)) +
+    # sin(pi t/2) ImageReward_phi(decode(x_t)); B ImageReward_VN_train.py load(): fix_rate=0.7.
+    # V pretrain_VN (used while fine-tuning, B init_value_function: AdamW over the trainable parameters,
+    # constant rate): learning_rate 1e-7, adam_weight_decay 0.01, max_grad_norm 1.0 (betas 0.9/0.999, eps
+    # 1e-8: torch's defaults); v_step 1. pretrained_VN_path: .../image_reward_training_fixrate=0.7_cos-sin_
+    # warmup=0.05_2025.01.29_13.07.45/value_network_epoch_60.pt: B scripts/pretrain/src (pretrain.py,
+    # config/base_cos_sin.py) saves after epoch index 60, so 61 epochs of frozen-model rollouts (theirs:
+    # 64 x 8 GPUs = 512 samples at guidance 7.5, v_step 3, lr 1e-7 cosine with 5 warm-up epochs; ours:
+    # the run's sampler and samples, value.updates_per_epoch passes at the constant rate).
+    # batch_size 100 (states per value step) has no equal here: chunk_size only bounds memory.
+    cfg["value"] = {
+        "kind": "imagereward",
+        "use_reward_prior": True,
+        "frozen_fraction": 0.7,
+        "learning_rate": 1e-7,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "updates_per_epoch": 1,
+        "pretrain_epochs": 61,
+        "chunk_size": 100,
+    }
     # V: sample.batch_size 64 x num_batches_per_epoch 2 x 4 GPUs = 512 samples; 512 / 256 = 2 steps/epoch
     cfg["run"]["num_samples"] = 512
     return cfg
