@@ -1,9 +1,9 @@
 """The learner step: value update, then policy update (CTRL ratio / CTRL value-gradient / DDPO).
 
 One process, no Ray. A data-parallel learner is one ``Learner`` per rank, told its rank and world size at
-construction: each gets the epoch's whole scored batch, computes the advantages over all of it, and learns
-from its own contiguous 1/world of the rows; the gradient all-reduce (``scoreaction.ddp``) makes every rank
-take the step one learner would take on the whole batch. Works on any policy with the DiffusionPolicy
+construction: each gets the epoch's whole scored batch, computes the advantages over all of it, draws the
+same shuffled micro-batches and learns from its 1/world slice of each; the gradient all-reduce
+(``scoreaction.ddp``) makes every rank take the step one learner would take on the whole micro-batch. Works on any policy with the DiffusionPolicy
 interface (SD presets and toy-gmm alike).
 
 Precision: trainable weights stay fp32; log-probs, KL and advantages are fp32 whatever the compute dtype.
@@ -36,7 +36,7 @@ from scoreaction.scoring import Batch
 from scoreaction.sde import step_kl
 from scoreaction.value import ValueFunction, build_value_optimizer, explained_variance
 
-__all__ = ["Batch", "Learner", "NonFiniteError", "lr_factor", "shard_rows"]
+__all__ = ["Batch", "Learner", "NonFiniteError", "lr_factor"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,6 @@ def lr_factor(schedule: str, epoch: int, epochs: int, final_ratio: float) -> flo
     progress = min(1.0, epoch / (epochs - 1))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return final_ratio + (1 - final_ratio) * shape
-
-
-def shard_rows(batch_size: int, rank: int, world: int) -> slice:
-    """The rows of the rank's contiguous 1/world of a batch (world divides the batch size)."""
-    n = batch_size // world
-    return slice(rank * n, (rank + 1) * n)
 
 
 class Learner:
@@ -83,7 +77,6 @@ class Learner:
                 f"{alg.micro_batch_size} (resources.num_learner_workers) and 0 <= rank < world"
             )
         self.rank, self.world = rank, world
-        self.micro_batch_size = alg.micro_batch_size // world
         self.reward_queries = 0  # images scored by reward_fn here (the value gradient's R(x0_hat))
         self.optimizer = torch.optim.AdamW(
             policy.trainable_parameters(), lr=alg.learning_rate, weight_decay=alg.weight_decay
@@ -131,13 +124,16 @@ class Learner:
         anything is learned from it (``scoreaction.nonfinite.check_batch``)."""
         check_batch(batch, self.cfg, self._epoch(epoch))
 
-    def shard(self, batch: Batch) -> Batch:
-        """This rank's contiguous 1/world of the batch (the whole batch for one learner)."""
-        return (
-            batch
-            if self.world == 1
-            else batch.index(shard_rows(batch.traj.batch_size, self.rank, self.world))
-        )
+    def micro_batches(self, batch_size: int, size: int) -> list[Tensor]:
+        """One pass over the whole batch in shuffled micro-batches of `size` rows, and of each this rank's
+        contiguous 1/world: every rank draws the same permutation (the same generator), so the ranks' slices
+        of a micro-batch make up the micro-batch one learner would take, and the averaged gradient is its
+        gradient. world divides every micro-batch (it divides run.num_samples and micro_batch_size)."""
+        out = []
+        for idx in torch.randperm(batch_size, generator=self.generator).split(size):
+            m = len(idx) // self.world
+            out.append(idx[self.rank * m : (self.rank + 1) * m])
+        return out
 
     # ----------------------------------------------------------------------------------------------
     # Value function
@@ -161,18 +157,17 @@ class Learner:
 
         epoch: the epoch the batch belongs to (named by errors; default: the policy updates so far). A step
         whose loss or gradient is not finite is skipped (value/skipped_steps). Each rank regresses on its
-        shard of the batch; the gradient all-reduce averages the ranks' steps."""
+        slice of every micro-batch; the gradient all-reduce averages the ranks' steps."""
         self.check_batch(batch, epoch)
-        batch = self.shard(batch)
         vcfg, kl_coef = self.cfg.value, self.cfg.algorithm.kl_coef
         params = [p for p in self.value_fn.parameters() if p.requires_grad]
         skipped = steps = 0
         target = reward_to_go(batch.rewards.float(), batch.traj.extras["kl"].float(), kl_coef)[:, :-1]
         b = batch.traj.batch_size
         losses = []
-        mb = max(1, min(b, self.micro_batch_size * 8))
+        mb = max(1, min(b, self.cfg.algorithm.micro_batch_size * 8))
         for _ in range(vcfg.updates_per_epoch):
-            for idx in torch.randperm(b, generator=self.generator).split(mb):
+            for idx in self.micro_batches(b, mb):
                 sub = batch.index(idx)
                 pred = self.values(sub, grad=True)[:, :-1]
                 loss = torch.nn.functional.mse_loss(pred, target[idx].to(pred.device))
@@ -192,7 +187,7 @@ class Learner:
                     continue
                 self.value_optimizer.step()
                 losses.append(loss.item())
-        pred = self.values(batch)[:, :-1].cpu()
+        pred = self.values(batch)[:, :-1].cpu()  # the whole batch: the same number on every rank
         return {
             "value/loss": float(np.mean(losses)) if losses else float("nan"),
             "value/explained_variance": explained_variance(pred.flatten(), target.flatten()),
@@ -229,8 +224,8 @@ class Learner:
 
     def update_policy(self, batch: Batch, epoch: int | None = None) -> dict[str, float]:
         """One epoch's policy update from the epoch's whole scored batch; then the learning-rate schedule
-        advances by one epoch. The ratio estimators compute the advantages over the whole batch and learn from
-        this rank's rows of it (so N ranks take the step one learner would); the value gradient needs none.
+        advances by one epoch. The ratio estimators compute the advantages over the whole batch; every rank learns
+        from its slice of every micro-batch (so N ranks take the steps one learner would).
 
         epoch: named by errors (default: the policy updates so far). A non-finite reward stops the run
         (NonFiniteError) before any step; a step whose loss or gradient norm is not finite is skipped and
@@ -239,12 +234,10 @@ class Learner:
         epoch = self._epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         alg = self.cfg.algorithm
-        rows = shard_rows(batch.traj.batch_size, self.rank, self.world)
         if alg.name == "ctrl" and alg.estimator == "value_gradient":
-            metrics = self._update_value_gradient(batch.index(rows), epoch)
+            metrics = self._update_value_gradient(batch, epoch)
         else:
-            adv, std = self.advantages(batch, epoch)
-            metrics = self._update_ratio(batch.index(rows), (adv[rows], std), epoch)
+            metrics = self._update_ratio(batch, self.advantages(batch, epoch), epoch)
         self.scheduler.step()
         return {**metrics, "learner/lr": lr}
 
@@ -331,9 +324,7 @@ class Learner:
         accumulate = self.micro_batches_per_step()
         skipped = taken = 0
         for _ in range(alg.updates_per_epoch):
-            micro = list(
-                torch.randperm(traj.batch_size, generator=self.generator).split(self.micro_batch_size)
-            )
+            micro = self.micro_batches(traj.batch_size, alg.micro_batch_size)
             for start in range(0, len(micro), accumulate):
                 group = micro[start : start + accumulate]
                 logged = {k: len(v) for k, v in stats.items()}

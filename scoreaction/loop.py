@@ -66,6 +66,9 @@ logger = logging.getLogger(__name__)
 EVAL_EPOCH_OFFSET = 10_000
 """Rollouts of the final evaluation are those of epoch run.epochs + EVAL_EPOCH_OFFSET: noise no training
 epoch uses."""
+FIXED_EVAL_EPOCH = -(1 << 19)
+"""The per-epoch evaluation set (run.eval_num_steps) is rollout epoch FIXED_EVAL_EPOCH: the same prompts and
+starting noise every time, and none that training or value pre-training samples."""
 
 
 class LearnerHooks:
@@ -83,12 +86,15 @@ class LearnerHooks:
 
 
 def rollout_metrics(batch: Batch, kl_coef: float) -> dict[str, float]:
+    """kl_mean: the discrete path KL (sum of the exact per-step KLs, what the objective penalises);
+    kl_continuous: the continuous-time path KL estimated on the sampling grid (comparable across step counts)."""
     kl = batch.traj.extras["kl"].sum(1)
     reward_mean, kl_mean = float(batch.rewards.mean()), float(kl.mean())
     return {
         "rollout/reward_mean": reward_mean,
         "rollout/reward_std": float(batch.rewards.std()) if batch.rewards.numel() > 1 else 0.0,
         "rollout/kl_mean": kl_mean,
+        "rollout/kl_continuous": float(batch.traj.extras["kl_continuous"].sum(1).mean()),
         "rollout/objective": reward_mean - kl_coef * kl_mean,
     }
 
@@ -177,6 +183,7 @@ class EpochLoop:
         learned.update(self.learner.update_policy(batch, epoch=epoch))
         t3 = time.perf_counter()
         sync_s = self.rollouts.publish(self.policy)
+        evaluated = self.evaluate_steps(epoch)
         t4 = time.perf_counter()
         (learner_queries,) = sum_over_ranks([float(self.learner.reward_queries - queries_before)])
         self.reward_queries += scored.queries + int(learner_queries)
@@ -188,6 +195,7 @@ class EpochLoop:
             **rollout_metrics(batch, self.cfg.algorithm.kl_coef),
             **scored.monitors,
             **mean_over_ranks(learned),
+            **evaluated,
             "samples": (epoch + 1) * self.cfg.run.num_samples,
             "reward_queries": self.reward_queries,
             **scored.timings,
@@ -195,7 +203,9 @@ class EpochLoop:
             "perf/policy_s": t3 - t2,
             "perf/weight_sync_s": sync_s,
             "perf/epoch_s": t4 - t0,
-            "perf/idle_s": max(0.0, (t4 - t0) - busy - (t3 - t1) - sync_s),
+            "perf/idle_s": max(
+                0.0, (t4 - t0) - busy - (t3 - t1) - sync_s - evaluated.get("perf/eval_s", 0.0)
+            ),
         }
         self.history = [h for h in self.history if h["epoch"] < epoch] + [summary_record(metrics)]
         grid = grid_images(batch.traj.images) if epoch % self.cfg.run.grid_every == 0 else None
@@ -203,18 +213,38 @@ class EpochLoop:
         return metrics
 
     @torch.no_grad()
+    def evaluate_steps(self, epoch: int) -> dict[str, float]:
+        """The updated policy on the fixed evaluation set at every run.eval_num_steps (every run.eval_every
+        epochs and at the last): eval/steps_<N>/reward_mean, eval/steps_<N>/kl_continuous and perf/eval_s."""
+        run = self.cfg.run
+        if not run.eval_num_steps or ((epoch + 1) % run.eval_every and epoch != run.epochs - 1):
+            return {}
+        t0 = time.perf_counter()
+        n = run.eval_num_samples or self.cfg.sampler.batch_size
+        out: dict[str, float] = {}
+        for steps in run.eval_num_steps:
+            scored = self.rollouts.scored(FIXED_EVAL_EPOCH, n, num_steps=steps, priors=False)
+            self.reward_queries += scored.queries
+            m = rollout_metrics(scored.batch, self.cfg.algorithm.kl_coef)
+            out[f"eval/steps_{steps}/reward_mean"] = m["rollout/reward_mean"]
+            out[f"eval/steps_{steps}/kl_continuous"] = m["rollout/kl_continuous"]
+        return {**out, "perf/eval_s": time.perf_counter() - t0}
+
+    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Reward, KL and monitors of the current policy on a fresh batch (summary.json's 'final')."""
-        scored = self.rollouts.scored(self.cfg.run.epochs + EVAL_EPOCH_OFFSET)
+        scored = self.rollouts.scored(self.cfg.run.epochs + EVAL_EPOCH_OFFSET, priors=False)
+        self.reward_queries += scored.queries
         m = rollout_metrics(scored.batch, self.cfg.algorithm.kl_coef)
         final = {
             "reward_mean": m["rollout/reward_mean"],
             "kl_mean": m["rollout/kl_mean"],
+            "kl_continuous": m["rollout/kl_continuous"],
             "objective": m["rollout/objective"],
             "num_samples": scored.batch.traj.batch_size,
             **scored.monitors,
         }
-        self.report(FinalDone(final, grid_images(scored.batch.traj.images)))
+        self.report(FinalDone(final, grid_images(scored.batch.traj.images), self.reward_queries))
         return final
 
     # ----------------------------------------------------------------------------------------------

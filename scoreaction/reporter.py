@@ -33,11 +33,11 @@ SUMMARY_KEYS = (
     "reward_queries",
     "perf/epoch_s",
 )
-"""The per-epoch numbers kept in summary.json and the checkpoints' history (plus every monitor/*)."""
+"""The per-epoch numbers kept in summary.json and the checkpoints' history (plus every monitor/* and eval/*)."""
 
 
 def summary_record(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k in SUMMARY_KEYS or k.startswith("monitor/")}
+    return {k: v for k, v in metrics.items() if k in SUMMARY_KEYS or k.startswith(("monitor/", "eval/"))}
 
 
 @dataclass
@@ -67,10 +67,12 @@ class CheckpointDone:
 
 @dataclass
 class FinalDone:
-    """The final evaluation (summary.json's 'final'); grid as in EpochDone."""
+    """The final evaluation (summary.json's 'final'); grid as in EpochDone; reward_queries: all the run's
+    queries of the optimised reward, the evaluation's included."""
 
     final: dict[str, Any]
     grid: torch.Tensor | None = None
+    reward_queries: int = 0
 
 
 @dataclass
@@ -102,6 +104,7 @@ class RunReporter:
     tensorboard: bool = True
     history: dict[int, dict[str, Any]] = field(default_factory=dict)
     final: dict[str, Any] | None = None
+    reward_queries: int = 0
     learner_starts: list[int] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     redone_epochs: list[int] = field(default_factory=list)
@@ -144,6 +147,7 @@ class RunReporter:
                     rec["perf/checkpoint_s"] = event.seconds
             case FinalDone():
                 self.final = event.final
+                self.reward_queries = event.reward_queries
                 if event.grid is not None:
                     save_grid(event.grid.float() / 255.0, self.out / "samples" / "grid_final.png")
             case _:
@@ -189,7 +193,7 @@ class RunReporter:
             "estimator": self.cfg.algorithm.estimator,
             "epochs": self.cfg.run.epochs,
             "samples": len(epochs) * self.cfg.run.num_samples,
-            "reward_queries": int(epochs[-1]["reward_queries"]) if epochs else 0,
+            "reward_queries": self.reward_queries,
             "final": self.final,
             "per_epoch": [summary_record(m) for m in epochs],
             "wall_s": wall_s,
@@ -209,7 +213,8 @@ class RunReporter:
 
 
 def plot_reward_curve(history: list[dict[str, Any]], path: Path) -> Path:
-    """Reward mean (and every monitor) against samples seen, with the KL below, as a PNG."""
+    """Reward mean (and every monitor and per-epoch evaluation) against samples seen, with the KL below, as a
+    PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +223,10 @@ def plot_reward_curve(history: list[dict[str, Any]], path: Path) -> Path:
     xs = [m["samples"] for m in history]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[2, 1])
     top.plot(xs, [m["rollout/reward_mean"] for m in history], "o-", label="reward (optimised)")
-    for key in sorted(k for k in history[0] if k.startswith("monitor/")):
+    keys = {k for m in history for k in m}
+    for key in sorted(
+        k for k in keys if k.startswith("monitor/") or (k.startswith("eval/") and "reward" in k)
+    ):
         top.plot(xs, [m.get(key, math.nan) for m in history], "s--", label=key)
     top.set_ylabel("mean reward of the epoch's rollouts")
     top.legend(loc="best", fontsize=8)

@@ -37,10 +37,14 @@ def batch_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def sample_batch(policy: Policy, cfg: Config, epoch: int, index: int, prompts: list[str]) -> Trajectory:
-    """Rollout batch `index` of `epoch`, with the reference KL recorded, on CPU."""
+def sample_batch(
+    policy: Policy, cfg: Config, epoch: int, index: int, prompts: list[str], num_steps: int | None = None
+) -> Trajectory:
+    """Rollout batch `index` of `epoch`, with the reference KL recorded, on CPU; num_steps: sample with
+    that many steps instead of sampler.num_steps (evaluation). The starting noise is the same either way."""
+    sampler = cfg.sampler if num_steps is None else cfg.sampler.model_copy(update={"num_steps": num_steps})
     gen = torch.Generator(device=policy.device).manual_seed(batch_seed(cfg.run.seed, epoch, index))
-    return sample_trajectories(policy, prompts, cfg.sampler, gen, record_reference=True).to("cpu")
+    return sample_trajectories(policy, prompts, sampler, gen, record_reference=True).to("cpu")
 
 
 class Rollouts(Protocol):
@@ -49,8 +53,11 @@ class Rollouts(Protocol):
     def publish(self, policy: Policy) -> float:
         """The policy has new weights: sample with them from now on. Returns the seconds it took."""
 
-    def scored(self, epoch: int, num_samples: int | None = None) -> Scored:
-        """The epoch's prompts (run.num_samples, or the first num_samples of them) sampled and scored."""
+    def scored(
+        self, epoch: int, num_samples: int | None = None, num_steps: int | None = None, priors: bool = True
+    ) -> Scored:
+        """The epoch's prompts (run.num_samples, or the first num_samples of them) sampled (with num_steps
+        steps: evaluation) and scored; priors=False: without the rewards of x0_hat (evaluation)."""
 
     def close(self) -> None:
         """Release what the rollouts hold."""
@@ -74,15 +81,17 @@ class LocalRollouts:
     def publish(self, policy: Policy) -> float:
         return 0.0  # the same policy object: nothing to copy
 
-    def scored(self, epoch: int, num_samples: int | None = None) -> Scored:
+    def scored(
+        self, epoch: int, num_samples: int | None = None, num_steps: int | None = None, priors: bool = True
+    ) -> Scored:
         prompts = epoch_prompts(self.cfg, epoch, num_samples)
         sample_s = score_s = 0.0
         trajectories, scores = [], []
         for index, (a, b) in enumerate(batch_bounds(len(prompts), self.cfg.sampler.batch_size)):
             t0 = time.perf_counter()
-            traj = sample_batch(self.policy, self.cfg, epoch, index, prompts[a:b])
+            traj = sample_batch(self.policy, self.cfg, epoch, index, prompts[a:b], num_steps)
             t1 = time.perf_counter()
-            scores.append(self.scorer.score(traj, nan=fires(self.faults, "nan_reward", epoch, 0)))
+            scores.append(self.scorer.score(traj, fires(self.faults, "nan_reward", epoch, 0), priors))
             sample_s, score_s = sample_s + t1 - t0, score_s + time.perf_counter() - t1
             trajectories.append(traj)
         t2 = time.perf_counter()

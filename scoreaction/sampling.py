@@ -24,6 +24,7 @@ from scoreaction.sde import (
     eps_to_score,
     heun_step,
     ode_step_kl,
+    path_kl_rate,
     sample_or_score,
     step_kl,
     step_mean_std,
@@ -154,7 +155,10 @@ def sample_trajectories(
     noise: optional starting noise x_{t_0} (B, C, h, w); drawn from generator when None.
     record_reference: also evaluate the reference policy at every state and store in ``extras``:
         eps (B, N, ...) the guided policy epsilon, mean_ref (B, N, ...) the reference transition mean,
-        kl (B, N) the exact per-step KL_k = ||mean_theta - mean_ref||^2 / (2 sigma_k^2).
+        kl (B, N) the exact per-step KL_k = ||mean_theta - mean_ref||^2 / (2 sigma_k^2), and
+        kl_continuous (B, N) the path KL's continuous-time integrand at t_k times the step (``sde.path_kl_rate``
+        of the sampler's eta-SDE): summed over k, a Riemann estimate of the path KL that converges as N grows,
+        so it compares step counts (the discrete KL_k overstates the continuous rate by a step-dependent amount).
     Deterministic samplers (eta = 0, heun) store NaN log-probs, no mean_ref, and as kl the continuous
     path-KL rate of the reverse SDE times the step (``sde.ode_step_kl``).
     """
@@ -179,6 +183,7 @@ def sample_trajectories(
         extras = {
             "eps": torch.empty_like(all_latents[:, 1:]),
             "kl": torch.empty((b, sampler.num_steps), device=dev, dtype=torch.float32),
+            "kl_continuous": torch.empty((b, sampler.num_steps), device=dev, dtype=torch.float32),
         }
         if not deterministic:
             extras["mean_ref"] = torch.empty_like(all_latents[:, 1:])
@@ -205,15 +210,14 @@ def sample_trajectories(
             with policy.reference():
                 eps_ref = policy.predict_eps(x, t, prompt_embeds, negative, sampler.guidance_scale)
             extras["eps"][:, k] = eps
+            ab_t = alpha_bar(policy.schedule, torch.as_tensor(t)).to(dev)
+            score_theta, score_ref = eps_to_score(eps.float(), ab_t), eps_to_score(eps_ref.float(), ab_t)
+            # the path KL's continuous-time integrand at t_k times the step (comparable across step counts)
+            h = float(torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(s, dtype=torch.float64))
+            eta = sampler.eta if sampler.eta > 0 else 1.0  # deterministic: the reverse SDE's (eta = 1)
+            extras["kl_continuous"][:, k] = path_kl_rate(policy.schedule, t, score_theta, score_ref, eta) * h
             if deterministic:
-                ab_t = alpha_bar(policy.schedule, torch.as_tensor(t)).to(dev)
-                extras["kl"][:, k] = ode_step_kl(
-                    policy.schedule,
-                    t,
-                    s,
-                    eps_to_score(eps.float(), ab_t),
-                    eps_to_score(eps_ref.float(), ab_t),
-                )
+                extras["kl"][:, k] = ode_step_kl(policy.schedule, t, s, score_theta, score_ref)
             else:
                 mean_ref, _ = step_mean_std(sampler.stepper, policy.schedule, eps_ref, x, t, s, sampler.eta)
                 extras["mean_ref"][:, k] = mean_ref

@@ -112,9 +112,10 @@ class Scorer:
             )
         self.cfg, self.reward_fn, self.monitors, self.policy = cfg, reward_fn, monitors, policy
 
-    def score(self, traj: Trajectory, nan: bool = False) -> Scores:
-        """nan: return NaN rewards (fault drills: a reward that breaks)."""
-        x0 = self.policy if self.cfg.scores_x0_hat else None
+    def score(self, traj: Trajectory, nan: bool = False, priors: bool = True) -> Scores:
+        """nan: return NaN rewards (fault drills: a reward that breaks); priors=False: leave out the
+        rewards of x0_hat even when the config needs them for training (evaluation)."""
+        x0 = self.policy if self.cfg.scores_x0_hat and priors else None
         if running_normalized(self.reward_fn):
             parts = {
                 name: part.score(traj.images, traj.prompts).scores.float().cpu()

@@ -69,5 +69,5 @@ class Trainer(EpochLoop):
             folder.close()
         return reporter.write_summary(
             time.perf_counter() - start,
-            {"backend": "in-process", "checkpoint_dir": str(self.checkpoint_dir)},
+            {"backend": "in-process"},
         )

@@ -38,9 +38,11 @@ TOY = [
     "algorithm.micro_batch_size=32",
     "value.updates_per_epoch=2",
     "value.pretrain_epochs=1",
+    "run.eval_num_steps=[2, 8]",
     "resources.num_rollout_workers=1",
     "resources.num_reward_workers=1",
 ]
+EVAL_KEYS = {f"eval/steps_{n}/{k}" for n in (2, 8) for k in ("reward_mean", "kl_continuous")}
 TINY = [
     "run.epochs=2",
     "run.num_samples=8",
@@ -124,6 +126,18 @@ def test_toy_runs_log_the_same_metrics_in_process_and_on_ray(tmp_path, learners)
         _assert_same_numbers(_numbers(a), _numbers(b), rtol)
     _assert_same_numbers(local_summary["final"], final, rtol)
     assert [set(m) for m in local_summary["per_epoch"]] == [set(m) for m in remote_summary["per_epoch"]]
+    # the per-epoch evaluation at other step counts: in summary.json and TensorBoard, on both backends
+    for out, summary in (("local", local_summary), ("ray", remote_summary)):
+        assert all(EVAL_KEYS <= set(m) for m in summary["per_epoch"]), out
+        assert EVAL_KEYS <= _tensorboard_tags(tmp_path / out), out
+
+
+def _tensorboard_tags(out: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
 
 
 def test_tiny_runs_with_a_monitor_log_the_same_metrics_in_process_and_on_ray(tmp_path, tiny_dir):

@@ -3,7 +3,7 @@ often they are written."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -44,6 +44,22 @@ class RunConfig(ConfigSection):
         "None = under output_dir.",
     )
     num_samples: int = Field(16, ge=1, description="Trajectories sampled per epoch.")
+    eval_num_steps: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Sampling step counts at which a fixed evaluation set (the same prompts and starting noise "
+        "every time) is sampled with the current policy every run.eval_every epochs, after the update; logged "
+        "as eval/steps_<N>/reward_mean and eval/steps_<N>/kl_continuous (the path KL as a continuous-time "
+        "integral on that grid, comparable across N). Empty: no per-epoch evaluation. The paper: [25, 100], "
+        "trained at 50.",
+    )
+    eval_every: int = Field(
+        1, ge=1, description="Run the run.eval_num_steps evaluation every this many epochs."
+    )
+    eval_num_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Samples of the fixed evaluation set; None = one rollout batch (sampler.batch_size).",
+    )
     prompts: list[str] = Field(
         default_factory=lambda: [
             "a photo of a cat",

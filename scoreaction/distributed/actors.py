@@ -91,12 +91,20 @@ class RolloutWorker:
         self.version = version
         return time.perf_counter() - t0
 
-    def sample(self, version: str, state_box: list, epoch: int, index: int, prompts: list[str]) -> Trajectory:
+    def sample(
+        self,
+        version: str,
+        state_box: list,
+        epoch: int,
+        index: int,
+        prompts: list[str],
+        num_steps: int | None = None,
+    ) -> Trajectory:
         """Rollout batch `index` of `epoch` with the weights of `version` (loaded first if this worker
         restarted or has not seen them yet)."""
         self.load_weights(version, state_box)
         maybe_fail(self.faults, "rollout", epoch, self.index)
-        return sample_batch(self.policy, self.cfg, epoch, index, prompts)
+        return sample_batch(self.policy, self.cfg, epoch, index, prompts, num_steps)
 
 
 class RewardWorker:
@@ -123,9 +131,9 @@ class RewardWorker:
     def ready(self) -> dict[str, Any]:
         return _where()
 
-    def score(self, epoch: int, index: int, traj: Trajectory) -> Scores:
+    def score(self, epoch: int, index: int, traj: Trajectory, priors: bool = True) -> Scores:
         maybe_fail(self.faults, "reward", epoch, self.index)
-        return self.scorer.score(traj, nan=fires(self.faults, "nan_reward", epoch, self.index))
+        return self.scorer.score(traj, fires(self.faults, "nan_reward", epoch, self.index), priors)
 
 
 class EventSink:

@@ -56,26 +56,31 @@ class RayRollouts:
         ray.get([w.load_weights.remote(self.version, [self._state_ref]) for w in self.rollout_workers])
         return time.perf_counter() - t0
 
-    def _submit(self, epoch: int, num_samples: int | None) -> tuple[list, list]:
+    def _submit(
+        self, epoch: int, num_samples: int | None, num_steps: int | None, priors: bool
+    ) -> tuple[list, list]:
         if self._state_ref is None:
             raise RuntimeError("publish() the policy weights before the first rollout")
         prompts = epoch_prompts(self.cfg, epoch, num_samples)
         trajectories, scores = [], []
         for i, (a, b) in enumerate(batch_bounds(len(prompts), self.cfg.sampler.batch_size)):
             worker = self.rollout_workers[i % len(self.rollout_workers)]
-            tref = worker.sample.remote(self.version, [self._state_ref], epoch, i, prompts[a:b])
+            tref = worker.sample.remote(self.version, [self._state_ref], epoch, i, prompts[a:b], num_steps)
             trajectories.append(tref)
-            scores.append(self.reward_workers[i % len(self.reward_workers)].score.remote(epoch, i, tref))
+            scorer = self.reward_workers[i % len(self.reward_workers)]
+            scores.append(scorer.score.remote(epoch, i, tref, priors))
         return trajectories, scores
 
-    def scored(self, epoch: int, num_samples: int | None = None) -> Scored:
+    def scored(
+        self, epoch: int, num_samples: int | None = None, num_steps: int | None = None, priors: bool = True
+    ) -> Scored:
         """Every rank gets the epoch's whole scored batch. perf/rollout_s: until the last batch is sampled;
         perf/reward_wait_s: the scoring left after that (the part not overlapped); perf/fetch_s: fetching
         and assembling on this rank."""
         payload = None
         if self.rank == 0:
             t0 = time.perf_counter()
-            trajectories, scores = self._submit(epoch, num_samples)
+            trajectories, scores = self._submit(epoch, num_samples, num_steps, priors)
             ray.wait(trajectories, num_returns=len(trajectories), fetch_local=False)
             t1 = time.perf_counter()
             ray.wait(scores, num_returns=len(scores), fetch_local=False)

@@ -23,6 +23,10 @@ RESUMABLE_CHANGES = (
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.grid_every",
+    # what is evaluated on the side: the training numbers do not depend on it
+    "run.eval_num_steps",
+    "run.eval_every",
+    "run.eval_num_samples",
     # the name of the preset the config was built from: a label; the settings it gave are compared one by one
     "run.preset",
     # a stopping rule, not a number the run computes: raise it to resume after a skipped-steps stop
