@@ -124,6 +124,10 @@ def _sd15_paper_common() -> dict[str, Any]:
             "prompt_set": "single_prompt",
             "checkpoint_every": 5,
             "grid_every": 5,
+            # the authors log the reward at 25 and 100 sampling steps every epoch (trained at 50); the size of
+            # the evaluation set (64, one of their per-GPU sampling batches) is ours
+            "eval_num_steps": [25, 100],
+            "eval_num_samples": 64,
         },
     }
 
