@@ -45,6 +45,7 @@ from scoreaction.serving.api import (
     OpenAIImagesResponse,
 )
 from scoreaction.serving.catalog import CheckpointCatalog
+from serve.feedback import FeedbackService, feedback_router
 from serve.metrics import IngressMetrics, ModelMetrics
 from serve.settings import ModelArgs, ServeSettings
 from serve.web import (
@@ -76,6 +77,8 @@ async def _result(response):
 
 
 app.add_middleware(GuardMiddleware, observe=lambda: _METRICS[0].observe if _METRICS else None)
+_FEEDBACK: list[FeedbackService] = []  # set by the ingress replica; the feedback routes use it
+app.include_router(feedback_router(lambda: _FEEDBACK[0]))  # /playground, /v1/preferences (serve/feedback.py)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,11 +227,24 @@ class Ingress:
         self.catalog = CheckpointCatalog(self.settings.root())
         if not _METRICS:
             _METRICS.append(IngressMetrics())
+        self._set_feedback()
+
+    def _set_feedback(self) -> None:
+        """The preference store of this replica; reopened only when its database URL changed."""
+        fb = self.settings.feedback
+        current = _FEEDBACK[0] if _FEEDBACK else None
+        if current is not None and current.database_url == fb.database_url:
+            current.catalog, current.cache_images = self.catalog, fb.cache_images
+            return
+        if current is not None:
+            current.close()
+        _FEEDBACK[:] = [FeedbackService(fb.database_url, self.catalog, self._run, fb.cache_images)]
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Hot reload (serve deploy with a changed user_config): default model, root, timeouts."""
         self.settings = ServeSettings.model_validate(user_config or {})
         self.catalog = CheckpointCatalog(self.settings.root())
+        self._set_feedback()
         logger.info(
             "settings: default_model=%s checkpoint_root=%s", self.settings.default_model, self.catalog.root
         )
@@ -262,6 +278,7 @@ class Ingress:
         out = await self._run(body)
         if isinstance(out, Response):
             return out
+        _FEEDBACK[0].remember(body, out)  # the image a following POST /v1/preferences may compare
         total = (time.perf_counter() - start) * 1000
         if png:
             headers = {"X-Seed": str(out["seed"]), "X-Model": out["model"], "X-Total-Ms": f"{total:.1f}"}

@@ -21,6 +21,27 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 API_KEY_ENV = "SCOREACTION_API_KEY"
 
 
+class FeedbackSettings(BaseModel):
+    """Where the playground's preferences are stored (``user_config.feedback``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    database_url: str = Field(
+        "sqlite:///outputs/feedback.db",
+        min_length=1,
+        description="SQLAlchemy URL of the preference database: a SQLite file (a relative path is taken from "
+        "the project root) or postgresql+psycopg://user:password@host:5432/db when several replicas or nodes "
+        "write.",
+    )
+    cache_images: int = Field(
+        64,
+        ge=0,
+        le=4096,
+        description="Recently shown images each ingress replica keeps, so storing a comparison of images it "
+        "just served needs no second generation (0: always regenerate).",
+    )
+
+
 class ServeSettings(BaseModel):
     """Hot-reloadable settings (``user_config``)."""
 
@@ -72,6 +93,11 @@ class ServeSettings(BaseModel):
         allow_inf_nan=False,
         description="How long a request for a model that is not loaded waits for a free slot of the LRU when "
         "every slot holds a model in use; then 503 + Retry-After.",
+    )
+
+    feedback: FeedbackSettings = Field(
+        default_factory=FeedbackSettings,
+        description="The preference store of /playground and /v1/preferences.",
     )
 
     @field_validator("default_model")

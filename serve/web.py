@@ -35,8 +35,17 @@ from serve.settings import API_KEY_ENV
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_PATHS = ("/healthz",)
-ROUTES = ("/healthz", "/v1/models", "/v1/generate", "/v1/images/generations", "/docs", "/openapi.json")
+PUBLIC_PATHS = ("/healthz", "/playground")  # the page holds no data; it sends the key on each API call
+ROUTES = (
+    "/healthz",
+    "/v1/models",
+    "/v1/generate",
+    "/v1/images/generations",
+    "/v1/preferences",
+    "/playground",
+    "/docs",
+    "/openapi.json",
+)
 JSON_TYPES = ("application/json",)  # and any application/*+json
 _TYPES = {
     401: "authentication_error",
