@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from scoreaction.models import digits as D
+from scoreaction.models import digits_data as DD
 from scoreaction.rewards import digits as R
 
 
@@ -26,7 +27,7 @@ def small_digits(tmp_path_factory):
 
 
 def test_images_prompts_and_split():
-    images, labels = D.load_digit_images()
+    images, labels = DD.load_digit_images()
     assert images.shape == (1797, 3, 16, 16) and labels.shape == (1797,)
     assert images.dtype == torch.float32 and float(images.min()) >= 0 and float(images.max()) <= 1
     assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # grey RGB
@@ -38,13 +39,13 @@ def test_images_prompts_and_split():
     grey = images[:, 0]
     assert float(grey[raw == 0].mean()) < 0.15 and float(grey[raw >= 12].mean()) > 0.6
     assert D.PROMPTS == tuple(f"a handwritten digit {d}" for d in range(10))
-    parts = D.split_indices()
+    parts = DD.split_indices()
     all_idx = np.concatenate(list(parts.values()))
     assert len(all_idx) == 1797 and len(np.unique(all_idx)) == 1797  # disjoint and complete
-    for name, frac in D.SPLITS.items():
+    for name, frac in DD.SPLITS.items():
         counts = np.bincount(labels.numpy()[parts[name]], minlength=10)
         assert (counts > 0).all() and abs(len(parts[name]) / 1797 - frac) < 0.01, name
-    assert all(np.array_equal(parts[k], D.split_indices()[k]) for k in parts)  # deterministic
+    assert all(np.array_equal(parts[k], DD.split_indices()[k]) for k in parts)  # deterministic
     with pytest.raises(ValueError, match="split='train'"):
         D.digit_split("train")
 

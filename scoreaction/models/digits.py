@@ -1,14 +1,7 @@
 """The ``digits`` preset: SD1.5's component classes at small sizes, pretrained on real handwritten digits.
 
-Data: scikit-learn's copy of the UCI handwritten digits (``sklearn.datasets.load_digits``: 1,797 grey 8x8
-images, values 0..16, ink bright on a dark background), upsampled bilinearly to ``IMAGE_SIZE`` px square
-RGB in [0, 1]. Each image's prompt is ``"a handwritten digit N"``. A fixed, class-stratified split
-(``split_indices``) keeps four disjoint parts:
-
-    pretrain  50%  the diffusion model learns from it
-    reward    20%  trains the ``digit_classifier`` reward
-    monitor   20%  trains the ``digit_classifier_heldout`` monitor (a different model on different data)
-    eval      10%  real reference digits of the quality measure (Frechet distance)
+Data (scoreaction.models.digits_data): scikit-learn's copy of the UCI handwritten digits, 16 px RGB,
+prompts ``"a handwritten digit N"``, split into disjoint pretrain / reward / monitor / eval parts.
 
 What is trained (``pretrain_digits``), in this order:
 
@@ -46,22 +39,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scoreaction.models.digits_data import IMAGE_SIZE, PROMPTS, digit_split
+from scoreaction.models.digits_plot import write_loss_curve
+
 logger = logging.getLogger(__name__)
 
 DIGITS_VERSION = "v2"
-IMAGE_SIZE = 16
-PROMPT_TEMPLATE = "a handwritten digit {}"
-PROMPTS: tuple[str, ...] = tuple(PROMPT_TEMPLATE.format(d) for d in range(10))
-SPLIT_SEED = 0
-SPLITS: dict[str, float] = {"pretrain": 0.5, "reward": 0.2, "monitor": 0.2, "eval": 0.1}
 # The quality bar of the default pretraining: how often the held-out classifier sees the prompted digit in
 # the base model's samples at the preset's sampler settings. Below: the base is not a digit model; above:
 # fine-tuning has nothing left to show (a fully trained base draws the prompted digit ~99% of the time).
@@ -99,54 +88,6 @@ def digits_text_config() -> dict:
     from scoreaction.models.presets import TINY_TEXT_CONFIG
 
     return dict(TINY_TEXT_CONFIG)
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=4)
-def _load(size: int) -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    gray = torch.from_numpy(np.asarray(data.images, dtype=np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
-    if size != 8:
-        gray = F.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False)
-    images = gray.clamp(0, 1).repeat(1, 3, 1, 1).contiguous()
-    return images, torch.from_numpy(np.asarray(data.target, dtype=np.int64))
-
-
-def load_digit_images(size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
-    """All 1,797 digits as (N, 3, size, size) float32 in [0, 1] (ink bright) and their labels (N,) int64."""
-    if size < 8 or size % 8:
-        raise ValueError(f"size={size!r} must be a multiple of 8 (8, 16, 24, 32...)")
-    images, labels = _load(size)
-    return images.clone(), labels.clone()
-
-
-def split_indices(seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
-    """Disjoint, class-stratified index sets {pretrain, reward, monitor, eval} covering every digit once."""
-    _, labels = _load(8)
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[int]] = {k: [] for k in SPLITS}
-    bounds = np.cumsum(list(SPLITS.values()))
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(labels.numpy() == c))
-        cuts = np.round(bounds * len(idx)).astype(int)
-        for name, lo, hi in zip(SPLITS, np.r_[0, cuts[:-1]], cuts, strict=True):
-            parts[name].extend(idx[lo:hi].tolist())
-    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in parts.items()}
-
-
-def digit_split(name: str, size: int = IMAGE_SIZE, seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
-    """(images, labels) of one split: pretrain, reward, monitor or eval."""
-    if name not in SPLITS:
-        raise ValueError(f"split={name!r} is unknown; allowed: {', '.join(SPLITS)}")
-    images, labels = load_digit_images(size)
-    idx = torch.from_numpy(split_indices(seed)[name])
-    return images[idx], labels[idx]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,48 +354,6 @@ def pretrain_digits(
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("pretrained digits (seed %d) in %.1f s -> %s", s.seed, result.seconds, directory)
     return result
-
-
-def _smooth(values: list[float], k: int = 20) -> np.ndarray:
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < k:
-        return v
-    return np.convolve(v, np.ones(k) / k, mode="valid")
-
-
-def write_loss_curve(
-    vae_losses: list[float],
-    unet_losses: list[float],
-    path: str | Path,
-    text_losses: list[float] | None = None,
-) -> Path:
-    """Loss curves of the pretraining stages (matplotlib, Agg), raw and a 20-step moving average."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = [(vae_losses, "VAE (MSE + KL)")]
-    if text_losses:
-        stages.append((text_losses, "text encoder (prompt cos^2)"))
-    stages.append((unet_losses, "UNet (eps MSE)"))
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4))
-    for ax, (losses, title) in zip(axes, stages, strict=True):
-        ax.plot(losses, color="0.75", lw=0.8, label="step")
-        sm = _smooth(losses)
-        ax.plot(np.arange(len(sm)) + (len(losses) - len(sm)), sm, color="C0", label="moving avg (20)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.set_title(title)
-        if losses and min(losses) > 0:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("digits pretraining")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
 
 
 def digits_pipeline_dir(seed: int = 0) -> Path:
