@@ -213,9 +213,9 @@ def test_tiny_finetuning_run_uses_the_service(service, tmp_path, tiny_dir, monke
     local = run("local")
     assert scored() == before  # the local run scores in-process
     via_http = run("http", f"reward.service={service['url']}")
-    # every query the run counted went through the service client: the epoch's and the final evaluation's
-    # rollouts, 4 images and 4 x 2 x0_hat priors each (an in-process reward sends none)...
-    assert sum(sent) == via_http["reward_queries"] >= 4 * (1 + 2)
+    # every query the run counted went through the service client: the epoch's 4 images and their 4 x 2 x0_hat
+    # priors, and the final evaluation's 4 images (an in-process reward sends none)...
+    assert sum(sent) == via_http["reward_queries"] >= 4 * (1 + 2) + 4
     # ...and the service answered each of those calls (one request each: none is over its body limit)
     assert scored() - before == len(sent)
     # same seed, same images: the service's scores equal the local ones, so every number of the run is equal
