@@ -31,6 +31,16 @@ test: $(STAMP) lint
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
+# The playground in a real headless Chromium: Debian's chromium + chromium-driver (apt; no browser download)
+# and selenium pointed at them.
+.PHONY: test-browser
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
+	$(PY) -m pip install -q -c constraints.txt 'selenium>=4.20'
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m browser tests/test_feedback_browser.py
+
 LINT_PATHS := $(wildcard scoreaction jobs serve tests)
 
 lint: $(STAMP)
