@@ -100,19 +100,9 @@ def build_plan(cfg: Config) -> ResourcePlan:
 
 
 def validate_layout(cfg: Config) -> None:
-    """Checks that do not depend on the cluster: the learner's data-parallel split and its backend."""
+    """Checks of the learner's backend that do not depend on the cluster (the data-parallel split itself is
+    checked when the config is built: scoreaction/config/schema.py)."""
     r, w = cfg.resources, cfg.resources.num_learner_workers
-    if cfg.run.num_samples % w:
-        raise PlanError(
-            f"run.num_samples={cfg.run.num_samples} must be divisible by resources.num_learner_workers={w}: "
-            "each learner worker updates an equal shard of every epoch's trajectories"
-        )
-    if cfg.algorithm.micro_batch_size % w:
-        raise PlanError(
-            f"algorithm.micro_batch_size={cfg.algorithm.micro_batch_size} must be divisible by "
-            f"resources.num_learner_workers={w}: each worker takes micro_batch_size / {w} of every "
-            "micro-batch and the gradients are averaged, as one process would compute them"
-        )
     if r.backend == "nccl" and r.learner_gpus <= 0:
         raise PlanError(
             "resources.backend='nccl' needs GPUs: resources.learner_gpus=0; use 'gloo' (or 'auto') on CPU"
