@@ -27,6 +27,7 @@ RewardName = Literal[
     "imagereward",
     "digit_classifier",
     "digit_classifier_heldout",
+    "preference",
 ]
 _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -94,12 +95,21 @@ class ImageRewardOptions(_Options):
     )
 
 
+class PreferenceOptions(_Options):
+    path: str | None = Field(
+        None,
+        description="Folder of a reward fitted on stored human comparisons (preference_head.safetensors + "
+        "preference.json), written by python jobs/train_reward.py --preferences URL --output DIR.",
+    )
+
+
 class RewardConfig(ConfigSection):
     name: RewardName = Field(
         "jpeg_compressibility",
         description="Reward to maximise: linear (toy: a^T x), jpeg_(in)compressibility, aesthetic, clip_score, "
         "pickscore, hpsv2, imagereward, digit_classifier (digits preset; digit_classifier_heldout is its "
-        "held-out twin for monitor). Ignored when weights is set.",
+        "held-out twin for monitor), preference (fitted on the playground's comparisons: "
+        "preference.path). Ignored when weights is set.",
     )
     direction: list[float] | None = Field(None, description="The vector a of the linear reward r(x) = a^T x.")
     weights: dict[RewardName, float] | None = Field(
@@ -151,6 +161,7 @@ class RewardConfig(ConfigSection):
     pickscore: PickScoreOptions = Field(default_factory=PickScoreOptions)
     hpsv2: HPSOptions = Field(default_factory=HPSOptions)
     imagereward: ImageRewardOptions = Field(default_factory=ImageRewardOptions)
+    preference: PreferenceOptions = Field(default_factory=PreferenceOptions)
 
     @field_validator("weights")
     @classmethod

@@ -14,6 +14,7 @@
 | ``imagereward`` | ImageReward v1.0 (BLIP ViT-L + BERT cross-attention + MLP) | converted .safetensors |
 | ``digit_classifier`` | digits preset: log p(prompted digit) under a small CNN (reward split) | trained on first use |
 | ``digit_classifier_heldout`` | the same on the disjoint monitor split (for ``reward.monitor``) | trained on first use |
+| ``preference`` | Bradley-Terry head on frozen features, fitted on stored comparisons | jobs/train_reward.py |
 
 Model rewards import their dependencies only when built, so a missing optional package matters only
 for the reward that needs it. ``reward.weights`` builds a weighted sum (multi.py); ``reward.service``
@@ -56,6 +57,7 @@ MODEL_REWARDS: dict[str, str] = {
     "imagereward": "scoreaction.rewards.imagereward:build_imagereward",
     "digit_classifier": "scoreaction.rewards.digits:build_digit_classifier",
     "digit_classifier_heldout": "scoreaction.rewards.digits:build_digit_classifier_heldout",
+    "preference": "scoreaction.rewards.preference:build_preference",
 }
 IMAGE_REWARDS: tuple[str, ...] = ("jpeg_compressibility", "jpeg_incompressibility", *MODEL_REWARDS)
 REWARDS: tuple[str, ...] = ("linear", *IMAGE_REWARDS)
