@@ -30,6 +30,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
+from scoreaction.model_card import write_model_card
 from scoreaction.models.toy_gmm import ToyPolicy
 from scoreaction.policy import ADAPTER_NAME, DiffusionPolicy
 
@@ -129,6 +130,7 @@ def save_checkpoint(
         else:
             policy.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2, default=str))
+        write_model_card(tmp, meta)  # README.md: base_model, reward, steps, how to load it in diffusers
         _publish_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

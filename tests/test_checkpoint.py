@@ -31,7 +31,7 @@ def test_lora_checkpoint_loads_into_plain_diffusers_pipeline(fresh_policy, tiny_
     sampler = SamplerConfig(num_steps=8, guidance_scale=5.0)
     traj = sample_trajectories(fresh_policy, PROMPTS, sampler, torch.Generator().manual_seed(7))
     path = save_checkpoint(fresh_policy, tmp_path / "ckpt", step=3, config={"sampler": sampler.model_dump()})
-    assert sorted(os.listdir(path)) == ["checkpoint.json", "pytorch_lora_weights.safetensors"]
+    assert sorted(os.listdir(path)) == ["README.md", "checkpoint.json", "pytorch_lora_weights.safetensors"]
 
     pipe = StableDiffusionPipeline.from_pretrained(
         str(tiny_dir), safety_checker=None, requires_safety_checker=False
