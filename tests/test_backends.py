@@ -71,8 +71,15 @@ def _cfg(preset: str, out: Path, *overrides: str, tiny_dir=None):
 
 
 def _in_process(cfg, out: Path, resume: bool = False) -> tuple[list[dict], dict]:
+    """One torch thread, as the Ray actors here (threads=1): the same kernels give the same bits, which a
+    discrete reward (JPEG bytes) needs to score the same images the same."""
     epochs: list[dict] = []
-    summary = Trainer(cfg, out).fit(epochs.append, resume=resume)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = Trainer(cfg, out).fit(epochs.append, resume=resume)
+    finally:
+        torch.set_num_threads(threads)
     return epochs, summary
 
 
