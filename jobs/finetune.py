@@ -68,6 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--single-process", action="store_true", help="run the reference loop in this process, no Ray"
     )
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's and Ray Train's own log lines on the console (default: they go to DIR/ray.log)",
+    )
+    p.add_argument(
+        "--no-before-after",
+        action="store_true",
+        help="skip the before/after grid (base vs final checkpoint, DIR/samples/before_after.png) at the end",
+    )
+    p.add_argument(
         "--print-config",
         action="store_true",
         help="print the effective configuration (preset + --config + --set + --output-dir) as YAML and exit; "
@@ -104,14 +114,49 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def connect(cfg: Config) -> bool:
-    """Connect to RAY_ADDRESS or start a local Ray sized for the plan; True when this call started Ray."""
+RAY_LOG = "ray.log"
+RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "py.warnings")
+
+
+def quiet_ray_logs(out: Path) -> logging.Handler:
+    """Send the driver's Ray loggers (and Python warnings) to out/ray.log instead of the console; returns the
+    handler, for restore_ray_logs."""
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / RAY_LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)
+    for name in RAY_LOGGERS:
+        log = logging.getLogger(name)
+        log.handlers = [h for h in log.handlers if not isinstance(h, logging.StreamHandler)] + [handler]
+        log.propagate = False
+    return handler
+
+
+def copy_worker_logs(out: Path) -> None:
+    """Append the local Ray session's worker logs (the actors' stdout/stderr: Ray Train's "Reporting training
+    result" lines, warnings) to out/ray.log, since log_to_driver=False keeps them off the console."""
+    try:
+        from ray._private.worker import _global_node  # the session folder has no public accessor
+
+        logs = Path(_global_node.get_logs_dir_path())
+    except Exception:  # a remote cluster, or a Ray without it: the logs stay in the session folder
+        return
+    with open(out / RAY_LOG, "a") as dst:
+        for f in sorted(logs.glob("worker-*.*")):
+            text = f.read_text(errors="replace").strip() if f.stat().st_size else ""
+            if text:
+                dst.write(f"\n==> {f.name} <==\n{text}\n")
+
+
+def connect(cfg: Config, verbose: bool = True) -> bool:
+    """Connect to RAY_ADDRESS or start a local Ray sized for the plan; True when this call started Ray.
+    verbose=False: the actors' output stays in Ray's session logs instead of streaming to this console."""
     import ray
 
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": verbose}
     if address:
         check_reachable(address)
         try:
@@ -152,15 +197,18 @@ def run_single_process(cfg: Config, out: Path, resume: bool = False) -> dict:
     return Trainer(cfg, out, faults=FaultPlan.from_env()).fit(resume=resume, progress_bar=True)
 
 
-def run(cfg: Config, out: Path, resume: bool) -> dict:
-    """The Ray run: every check that needs no cluster first (nothing started, nothing written), then Ray."""
+def run(cfg: Config, out: Path, resume: bool, verbose: bool = True) -> dict:
+    """The Ray run: every check that needs no cluster first (nothing started, nothing written), then Ray.
+    verbose=False: Ray's own log lines go to out/ray.log (see quiet_ray_logs, copy_worker_logs)."""
     import torch
 
     from scoreaction.distributed.driver import one_host_threads, preflight, run_distributed
 
     local = not os.environ.get("RAY_ADDRESS")
     preflight(cfg, out, resume, [local_node(build_plan(cfg), torch.cuda.device_count())] if local else None)
-    started = connect(cfg)
+    if not verbose:
+        quiet_ray_logs(out)
+    started = connect(cfg, verbose)
     try:
         # one host: the actors that run at the same time split its cores (driver.one_host_threads)
         threads = cfg.resources.torch_threads or (
@@ -171,12 +219,39 @@ def run(cfg: Config, out: Path, resume: bool) -> dict:
         if started:
             import ray
 
+            if not verbose:
+                copy_worker_logs(out)
             ray.shutdown()
 
 
+def add_before_after(cfg: Config, out: Path, summary: dict) -> dict:
+    """The before/after grid of an image run (base vs the final checkpoint, same seeds) as
+    out/samples/before_after.png; for digits, the held-out classifier's accuracy of each. Stored in
+    summary['before_after'] and summary.json."""
+    import json
+
+    from scoreaction.before_after import BEFORE_AFTER_FILE, before_after
+    from scoreaction.checkpoint import latest_in
+    from scoreaction.run_folder import checkpoint_dir_for
+
+    ckpt = latest_in(checkpoint_dir_for(cfg, out))
+    if ckpt is None:
+        return summary
+    summary["before_after"] = before_after(cfg, ckpt, out / "samples" / BEFORE_AFTER_FILE)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    # the console: one progress bar and the closing summary, unless --verbose
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     try:
         # --output-dir is a path, taken literally (never YAML: "/data/run #2" is not "/data/run")
         values = {"run.output_dir": args.output_dir} if args.output_dir else None
@@ -209,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.single_process:
             summary = run_single_process(cfg, out, args.resume)
         else:
-            summary = run(cfg, out, args.resume)
+            summary = run(cfg, out, args.resume, args.verbose)
+        if cfg.model.preset != "toy-gmm" and not args.no_before_after:
+            summary = add_before_after(cfg, out, summary)
     except (ConfigError, PlanError, ResumeError, ConnectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -218,10 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     final = summary["final"]
+    ba = summary.get("before_after") or {}
+    held = (
+        f", held-out classifier accuracy base {ba['base']['accuracy_heldout']:.0%} -> tuned "
+        f"{ba['tuned']['accuracy_heldout']:.0%}"
+        if "base" in ba
+        else ""
+    )
     print(
         f"{summary['algorithm']} on {summary['preset']}: {summary['epochs']} epochs, {summary['samples']} samples, "
-        f"final reward {final['reward_mean']:.4g}, KL {final['kl_mean']:.3g}, objective {final['objective']:.4g}\n"
-        f"run folder: {out} (summary.json, reward_curve.png, checkpoints/)"
+        f"final reward {final['reward_mean']:.4g}, KL {final['kl_mean']:.3g}, objective {final['objective']:.4g}{held}\n"
+        f"run folder: {out} (summary.json, reward_curve.png, checkpoints/"
+        + (", samples/before_after.png" if ba else "")
+        + (")" if args.verbose or args.single_process else f", {RAY_LOG})")
     )
     return 0
 
