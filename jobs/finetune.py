@@ -250,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.disable_progress_bar()
+        for lib in (diffusers_logging, transformers_logging):  # their load bars and notices
+            lib.disable_progress_bar()
+            lib.set_verbosity_error()
     try:
         # --output-dir is a path, taken literally (never YAML: "/data/run #2" is not "/data/run")
         values = {"run.output_dir": args.output_dir} if args.output_dir else None
