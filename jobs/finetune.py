@@ -206,6 +206,8 @@ def run(cfg: Config, out: Path, resume: bool, verbose: bool = True) -> dict:
 
     local = not os.environ.get("RAY_ADDRESS")
     preflight(cfg, out, resume, [local_node(build_plan(cfg), torch.cuda.device_count())] if local else None)
+    if not local:
+        check_reachable(os.environ["RAY_ADDRESS"])  # fail before ray.log is created: nothing written
     if not verbose:
         quiet_ray_logs(out)
     started = connect(cfg, verbose)

@@ -1,6 +1,6 @@
 """The epoch loop, written once for both backends.
 
-Per epoch, as the method reads (ALGORITHM.md in README "The method in code"):
+Per epoch, as the method reads (README, "The method in code"):
 
     prompts -> rollouts -> scores          Rollouts.scored (scoring overlaps sampling on Ray)
     value update                           Learner.update_value   (ctrl)

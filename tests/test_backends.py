@@ -209,10 +209,19 @@ def test_a_reward_service_scores_a_ray_run_and_its_resume(tmp_path, tiny_dir):
     from test_rewards_service_faults import FlakyRewardServer
 
     with FlakyRewardServer() as srv:
-        cfg = _cfg("tiny", tmp_path / "run", f"reward.service={srv.url}", tiny_dir=tiny_dir)
+        cfg = _cfg(
+            "tiny",
+            tmp_path / "run",
+            "reward.name=jpeg_incompressibility",  # the reward the service serves
+            f"reward.service={srv.url}",
+            tiny_dir=tiny_dir,
+        )
         summary = _run_then_resume(cfg, tmp_path / "run")
-        # per run: value pre-training + every epoch + the final evaluation, 2 rollout batches each
-        assert srv.actions("/score").count("ok") == 2 * (1 + 2 + 1) + 2 * (1 + 1)
+        # 2 rollout batches per rollout, each scored in two calls (the reward and the monitor, both served
+        # here), and one more call for its x0_hat priors (8 states) except in the final evaluation: the first
+        # run's value pre-training, 2 epochs and evaluation (8 batches, 6 with priors), then the resumed run's
+        # epoch and evaluation (4 batches, 2 with priors)
+        assert srv.actions("/score").count("ok") == (8 * 2 + 6) + (4 * 2 + 2)
     local_cfg = _cfg("tiny", tmp_path / "local", "reward.name=jpeg_incompressibility", tiny_dir=tiny_dir)
     _, local = _in_process(local_cfg, tmp_path / "local")
     for a, b in zip(summary["per_epoch"][:2], local["per_epoch"], strict=True):

@@ -99,6 +99,9 @@ def test_rate_two_pairs_with_mouse_and_keyboard(served, browser, monkeypatch):
         lambda d: d.find_element(By.ID, "key") if d.find_element(By.ID, "key").is_displayed() else None
     )
     key_input.send_keys(KEY)
+    # the prompt first: the first pair is generated as soon as the key is in
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "prompt").send_keys("a blue circle")
     browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
 
     def ready(d) -> bool:
@@ -108,8 +111,6 @@ def test_rate_two_pairs_with_mouse_and_keyboard(served, browser, monkeypatch):
             " && a.naturalWidth > 0 && b.naturalWidth > 0;"
         )
 
-    browser.find_element(By.ID, "prompt").clear()
-    browser.find_element(By.ID, "prompt").send_keys("a blue circle")
     wait.until(ready)
     assert browser.find_element(By.ID, "count").text == "0"
     assert browser.execute_script("return sessionStorage.getItem('scoreaction_api_key')") == KEY
