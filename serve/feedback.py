@@ -18,7 +18,8 @@ call; ``feedback_router`` builds the routes around a function returning it, so t
 (serve/app.py) and a plain FastAPI app in tests serve the same code.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Serve pickles the routes by value, and FastAPI must find the
+# request models as objects, not as names to look up in globals the pickle did not carry.
 
 import asyncio
 import json
