@@ -195,6 +195,7 @@ def _run_then_resume(cfg, out: Path) -> dict:
     return summary
 
 
+@pytest.mark.slow  # six tiny Ray runs: about 2 min a configuration on 2 loaded cores
 @pytest.mark.parametrize("name", list(README_CONFIGS))
 def test_readme_configurations_run_and_resume_on_ray(tmp_path, tiny_dir, name):
     cfg = _cfg("tiny", tmp_path / "run", *README_CONFIGS[name], tiny_dir=tiny_dir)
